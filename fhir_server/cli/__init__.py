@@ -1,0 +1,123 @@
+"""``fhir-server``: the command line operators, the benchmark and conformance tools rely on.
+
+    fhir-server run    [--host H] [--port P] [--mongo-port M] [--data DIR] [--workers N]
+    fhir-server serve  [--host H] [--port P] [--workers N]        (needs MONGODB_URI)
+    fhir-server mongod start --port P --dbpath DIR                (prints the URI)
+    fhir-server mongod stop  --dbpath DIR
+    fhir-server load PATH... [--url URL] [--concurrency N]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from fhir_server.cli.loader import load_command
+from fhir_server.storage import mongod as embedded
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=_CONTEXT)
+def cli() -> None:
+    """FHIR R4 服务器（居民电子健康档案）— FHIR R4 server for China's regional health-information exchange."""
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _serve(host: str, port: int, workers: int, config: str | None) -> None:
+    import uvicorn
+
+    if config:
+        os.environ["FHIR_SERVER_CONFIG"] = config
+    if not _port_free(host, port):
+        raise click.ClickException(f"port {port} on {host} is already in use (is the server already running?)")
+    click.echo(f"FHIR R4 server on http://{host}:{port}/fhir  (MongoDB: {os.environ['MONGODB_URI'].split('@')[-1]})")
+    uvicorn.run(
+        "fhir_server.http.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=os.environ.get("FHIR_LOG_LEVEL", "warning"),
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option("--host", default="127.0.0.1", show_default=True, help="监听地址 / address to listen on")
+@click.option("--port", default=8080, show_default=True, help="HTTP 端口 / HTTP port")
+@click.option("--workers", default=1, show_default=True, help="工作进程数 / worker processes")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML settings file")
+def serve(host: str, port: int, workers: int, config: str | None) -> None:
+    """Serve FHIR at /fhir using MONGODB_URI (no mongod is started)."""
+    if not os.environ.get("MONGODB_URI"):
+        raise click.ClickException("MONGODB_URI is not set; use `fhir-server run` for the embedded mongod")
+    _serve(host, port, workers, config)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--mongo-port", default=27117, show_default=True, help="port of the embedded mongod")
+@click.option("--data", "data_dir", default=".data/mongod", show_default=True, help="embedded mongod data folder")
+@click.option("--workers", default=2, show_default=True)
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML settings file")
+def run(host: str, port: int, mongo_port: int, data_dir: str, workers: int, config: str | None) -> None:
+    """Start the embedded mongod (unless MONGODB_URI is set) and serve FHIR; Ctrl-C stops both."""
+    started = False
+    dbpath = Path(data_dir)
+    if not os.environ.get("MONGODB_URI"):
+        already = embedded.running_pid(dbpath) is not None
+        uri = embedded.start(mongo_port, dbpath)
+        started = not already
+        os.environ["MONGODB_URI"] = uri
+        click.echo(f"embedded mongod {'reused' if already else 'started'}: {uri} (data in {dbpath})")
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        _serve(host, port, workers, config)
+    finally:
+        if started:
+            embedded.stop(dbpath)
+            click.echo("embedded mongod stopped")
+
+
+@cli.group(context_settings=_CONTEXT)
+def mongod() -> None:
+    """Manage the embedded mongod (MongoDB 6.0.5, single-node replica set)."""
+
+
+@mongod.command("start", context_settings=_CONTEXT)
+@click.option("--port", default=27117, show_default=True)
+@click.option("--dbpath", default=".data/mongod", show_default=True)
+def mongod_start(port: int, dbpath: str) -> None:
+    """Start mongod (or reuse the one on DBPATH) and print its URI."""
+    click.echo(embedded.start(port, Path(dbpath)))
+
+
+@mongod.command("stop", context_settings=_CONTEXT)
+@click.option("--dbpath", default=".data/mongod", show_default=True)
+def mongod_stop(dbpath: str) -> None:
+    """Stop the mongod running on DBPATH."""
+    click.echo("stopped" if embedded.stop(Path(dbpath)) else "not running")
+
+
+cli.add_command(load_command, "load")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,67 @@
+"""Server settings: defaults, overridden by a TOML file, overridden by environment variables.
+
+Environment variables are the upper-case field names prefixed with ``FHIR_`` (``FHIR_MAX_BUNDLE_ENTRIES``);
+``MONGODB_URI`` is read as it is, because operators already know that name. A TOML file named by
+``FHIR_SERVER_CONFIG`` (or ``--config``) holds the same keys in lower case.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    mongodb_uri: str | None = None
+    database: str = "fhir"
+    base_path: str = "/fhir"
+    # Absolute base URL used in Location headers and bundle links; derived from the request when unset.
+    public_base_url: str | None = None
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_bundle_entries: int = 10_000
+    max_json_depth: int = 64
+    max_string_bytes: int = 1024 * 1024
+
+    validate_on_write: bool = True
+    referential_integrity: bool = True
+    # 'single' refuses a conditional delete that matches several; 'multiple' deletes them all.
+    conditional_delete: str = "multiple"
+    max_conditional_delete: int = 1000
+
+    default_count: int = 50
+    max_count: int = 1000
+    history_default_count: int = 100
+
+
+def _coerce(value: str, kind: type) -> Any:
+    if kind is bool:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if kind is int:
+        return int(value)
+    return value
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from defaults, an optional TOML file, the environment, then ``overrides``."""
+    settings = Settings()
+    path = config_file or os.environ.get("FHIR_SERVER_CONFIG")
+    values: dict[str, Any] = {}
+    if path:
+        values.update(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+    kinds = {f.name: (int if f.type in ("int",) else bool if f.type == "bool" else str) for f in fields(Settings)}
+    for name, kind in kinds.items():
+        env = os.environ.get("FHIR_" + name.upper())
+        if env is not None:
+            values[name] = _coerce(env, kind)
+    if os.environ.get("MONGODB_URI"):
+        values["mongodb_uri"] = os.environ["MONGODB_URI"]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(kinds)
+    if unknown:
+        raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return replace(settings, **values)

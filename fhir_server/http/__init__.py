@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routes → FhirRequest → an interaction → FhirResponse → HTTP response."""

@@ -1,0 +1,72 @@
+"""The ASGI application: wiring of settings, storage, interceptors and routes."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from pymongo import AsyncMongoClient
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from fhir_server.config import Settings, load_settings
+from fhir_server.http.negotiation import error_response
+from fhir_server.http.routes import router
+from fhir_server.interactions.context import Server
+from fhir_server.outcome import FhirError
+from fhir_server.storage.mongo import MongoStore
+
+log = logging.getLogger("fhir_server")
+
+
+def build_server(settings: Settings, store: MongoStore) -> Server:
+    """Attach the interceptors the settings ask for."""
+    from fhir_server.interceptors.integrity import check_references
+    from fhir_server.interceptors.validation import validate_before_store
+
+    server = Server(settings, store)
+    if settings.validate_on_write:
+        server.pre_store.append(validate_before_store)
+    if settings.referential_integrity:
+        server.on_commit.append(check_references)
+    return server
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    if not settings.mongodb_uri:
+        raise RuntimeError("MONGODB_URI is not set (use `fhir-server run` to start the embedded mongod)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client: AsyncMongoClient = AsyncMongoClient(settings.mongodb_uri, tz_aware=True, maxPoolSize=200)
+        store = MongoStore(client, settings.database)
+        await store.open()
+        app.state.server = build_server(settings, store)
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(title="fhir-server-cn", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(router, prefix=settings.base_path)
+
+    @app.exception_handler(FhirError)
+    async def _fhir_error(request: Request, exc: FhirError) -> Response:
+        return error_response(exc, request.query_params.get("_pretty") == "true")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+        text = {404: f"No FHIR endpoint at {request.url.path[:200]}", 405: f"{request.method} is not allowed on {request.url.path[:200]}"}
+        return error_response(FhirError.of(exc.status_code, code, text.get(exc.status_code, str(exc.detail))))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(FhirError.of(500, "exception", "Internal server error; the details are in the server log"))
+
+    return app

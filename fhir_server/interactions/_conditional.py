@@ -1,0 +1,40 @@
+"""Finding the resources a conditional interaction (create, update, delete, reference) is about.
+
+A conditional create must not create twice when fifty identical requests race. Each such search
+first takes a lock document named after the query inside the transaction: concurrent transactions
+on the same query conflict on that document, one commits, the others re-run and see its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import parse_qsl
+
+from fhir_server.interactions.context import Tx
+from fhir_server.outcome import FhirError, bad_request
+from fhir_server.search.query import RESULT_PARAMS, compile_search
+from fhir_server.storage.base import Stored
+
+
+def parse_criteria(criteria: str) -> list[tuple[str, str]]:
+    criteria = criteria.lstrip("?")
+    try:
+        pairs = parse_qsl(criteria, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise bad_request(f"Malformed search criteria '{criteria[:100]}'") from None
+    return pairs
+
+
+async def find_matches(tx: Tx, type_: str, criteria: list[tuple[str, str]], *, limit: int) -> list[Stored]:
+    """Current resources of ``type_`` matching ``criteria`` (at most ``limit``), under a lock."""
+    selecting = [(k, v) for k, v in criteria if k.partition(":")[0] not in RESULT_PARAMS]
+    if not selecting:
+        raise bad_request("Conditional criteria must contain at least one search parameter", code="invalid")
+    compiled = compile_search(type_, selecting, default_count=limit, max_count=limit, base_url="")
+    key = type_ + "?" + "&".join(f"{k}={v}" for k, v in sorted(selecting))
+    await tx.unit.lock("cond:" + hashlib.sha256(key.encode()).hexdigest())
+    return await tx.unit.find(type_, compiled.filter, limit)
+
+
+def too_many(type_: str, criteria: str) -> FhirError:
+    return FhirError.of(412, "multiple-matches", f"The criteria '{type_}?{criteria[:200]}' match more than one resource")

@@ -1,0 +1,65 @@
+"""capabilities (http.html#capabilities): a CapabilityStatement generated from what the server does."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from fhir_server import __version__
+from fhir_server.definitions import RESOURCE_TYPES
+from fhir_server.interactions.context import FhirRequest, FhirResponse, Server
+from fhir_server.search.parameters import SPECIAL, params_for
+
+# The search parameter types the query compiler answers today (search/query.py).
+_SEARCHABLE_TYPES = {"token", "string", "reference", "date", "uri", "number", "quantity"}
+_TYPE_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
+
+
+@lru_cache(maxsize=4)
+def _statement(base_url: str, conditional_delete: str) -> dict[str, Any]:
+    resources = []
+    for type_ in sorted(RESOURCE_TYPES):
+        params = [{"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"}]
+        for code, sp in sorted(params_for(type_).items()):
+            if code in SPECIAL or sp.type not in _SEARCHABLE_TYPES:
+                continue
+            params.append({"name": code, "definition": sp.url, "type": sp.type})
+        resources.append(
+            {
+                "type": type_,
+                "interaction": [{"code": c} for c in _TYPE_INTERACTIONS],
+                "versioning": "versioned-update",
+                "readHistory": True,
+                "updateCreate": True,
+                "conditionalCreate": True,
+                "conditionalRead": "full-support",
+                "conditionalUpdate": True,
+                "conditionalDelete": conditional_delete,
+                "referencePolicy": ["literal", "logical", "enforced", "local"],
+                "searchParam": params,
+            }
+        )
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-22",
+        "publisher": "fhir-server-cn",
+        "kind": "instance",
+        "software": {"name": "fhir-server-cn", "version": __version__},
+        "implementation": {"description": "FHIR R4 server for China's regional health-information exchange", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
+        "rest": [
+            {
+                "mode": "server",
+                "resource": resources,
+                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            }
+        ],
+    }
+
+
+async def capabilities(server: Server, req: FhirRequest) -> FhirResponse:
+    statement = _statement(req.base_url, "multiple" if server.settings.conditional_delete == "multiple" else "single")
+    return FhirResponse(200, resource=statement)

@@ -1,0 +1,98 @@
+"""What every interaction receives and returns, independent of HTTP.
+
+The HTTP layer turns a request into a :class:`FhirRequest`; batch and transaction bundles build the
+same objects from their entries, so one implementation of each interaction serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
+
+from fhir_server.config import Settings
+from fhir_server.storage.base import Stored, Write
+from fhir_server.storage.mongo import MongoStore, MongoUnit
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class FhirRequest:
+    method: str
+    type: str | None = None
+    id: str | None = None
+    version: str | None = None
+    query: list[tuple[str, str]] = field(default_factory=list)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: Any = None
+    base_url: str = ""
+    # Set when the request is an entry of a transaction: its references are already rewritten.
+    in_transaction: bool = False
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def param(self, name: str) -> str | None:
+        for k, v in self.query:
+            if k == name:
+                return v
+        return None
+
+
+@dataclass(slots=True)
+class FhirResponse:
+    status: int
+    resource: dict[str, Any] | None = None
+    raw: bytes | None = None  # the resource already serialised (a stored version)
+    headers: dict[str, str] = field(default_factory=dict)
+    stored: Stored | None = None
+    outcome: dict[str, Any] | None = None  # for Prefer: return=OperationOutcome
+
+
+PreStore = Callable[["Tx", dict[str, Any], Stored | None], Awaitable[None]]
+OnCommit = Callable[["Tx"], Awaitable[None]]
+
+
+@dataclass
+class Server:
+    """The wiring: settings, storage, and the interceptors that wrap every write."""
+
+    settings: Settings
+    store: MongoStore
+    # Called with each resource about to be stored (validation, profile checks, ...).
+    pre_store: list[PreStore] = field(default_factory=list)
+    # Called once per unit of work before it commits (referential integrity, ...).
+    on_commit: list[OnCommit] = field(default_factory=list)
+
+    async def transact(self, work: Callable[["Tx"], Awaitable[T]], types: set[str] = frozenset()) -> T:  # type: ignore[assignment]
+        """Run ``work`` atomically, with the commit interceptors, retried on write conflicts."""
+        if types:
+            await self.store.ensure_types(set(types))
+
+        async def unit_work(unit: MongoUnit) -> T:
+            tx = Tx(self, unit)
+            result = await work(tx)
+            for hook in self.on_commit:
+                await hook(tx)
+            return result
+
+        return await self.store.transact(unit_work)
+
+
+@dataclass
+class Tx:
+    """One unit of work as the interactions see it."""
+
+    server: Server
+    unit: MongoUnit
+    # Local references ("Type/id") that written resources point to.
+    references: set[str] = field(default_factory=set)
+    # Resources deleted in this unit.
+    deleted: set[str] = field(default_factory=set)
+
+    @property
+    def settings(self) -> Settings:
+        return self.server.settings
+
+    def write(self, write: Write) -> None:
+        self.unit.write(write)

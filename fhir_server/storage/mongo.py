@@ -1,0 +1,351 @@
+"""MongoDB implementation of the storage contract.
+
+Layout: one collection per resource type holding the *current* version of each resource
+(``_id`` = logical id, ``v`` version, ``t`` lastUpdated, ``d`` deleted, ``r`` the JSON bytes,
+``s`` the search index values), and one ``_history`` collection holding every version. Storing the
+JSON as bytes lets a read return them without decoding; search works on ``s`` only, through one
+wildcard index per type collection.
+
+Every write runs in a multi-document transaction with majority, journaled write concern, so a
+write is acknowledged only once durable, and a unit of work is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from pymongo import AsyncMongoClient, InsertOne, ReplaceOne
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.read_concern import ReadConcern
+from pymongo.read_preferences import ReadPreference
+from pymongo.write_concern import WriteConcern
+
+from fhir_server.storage.base import Conflict, HistoryPage, Stored, Write
+
+T = TypeVar("T")
+
+HISTORY = "_history"
+LOCKS = "_locks"
+_CURRENT_FIELDS = {"v": 1, "t": 1, "d": 1, "r": 1}
+_MAX_ATTEMPTS = 200
+_DURABLE = WriteConcern("majority", j=True)
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _stored(type_: str, doc: dict[str, Any]) -> Stored:
+    return Stored(type_, doc["_id"], doc["v"], _as_utc(doc["t"]), doc["d"], doc.get("r"))
+
+
+def _stored_history(doc: dict[str, Any]) -> Stored:
+    return Stored(doc["ty"], doc["id"], doc["v"], _as_utc(doc["t"]), doc["d"], doc.get("r"), doc.get("m", "PUT"))
+
+
+def _encode_cursor(t: datetime, key: str) -> str:
+    raw = f"{int(t.timestamp() * 1000)}|{key}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ms, key = raw.split("|", 1)
+        return datetime.fromtimestamp(int(ms) / 1000, timezone.utc), key
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError("malformed paging cursor") from e
+
+
+class MongoStore:
+    """The :class:`fhir_server.storage.base.Store` on a MongoDB replica set or sharded cluster."""
+
+    def __init__(self, client: AsyncMongoClient, database: str) -> None:
+        self._client = client
+        self._db = client.get_database(database, write_concern=_DURABLE)
+        self._types: set[str] = set()
+        self._types_lock = asyncio.Lock()
+
+    @property
+    def client(self) -> AsyncMongoClient:
+        return self._client
+
+    async def open(self) -> None:
+        """Create the shared collections and indexes; learn which type collections exist."""
+        names = set(await self._db.list_collection_names())
+        if HISTORY not in names:
+            await self._create(HISTORY)
+        if LOCKS not in names:
+            await self._create(LOCKS)
+        hist = self._db[HISTORY]
+        await hist.create_index([("ty", 1), ("id", 1), ("v", -1)], unique=True, name="instance")
+        await hist.create_index([("t", -1), ("_id", -1)], name="system")
+        await hist.create_index([("ty", 1), ("t", -1), ("_id", -1)], name="type")
+        self._types = {n for n in names if n[:1].isupper()}
+
+    async def _create(self, name: str) -> None:
+        try:
+            await self._db.create_collection(name)
+        except OperationFailure as e:
+            if e.code != 48:  # NamespaceExists: another worker made it first
+                raise
+
+    async def ensure_types(self, types: set[str]) -> None:
+        """Collections and indexes must exist before a transaction writes into them."""
+        missing = types - self._types
+        if not missing:
+            return
+        async with self._types_lock:
+            for type_ in sorted(missing - self._types):
+                await self._create(type_)
+                coll = self._db[type_]
+                await coll.create_index([("s.$**", 1)], name="search")
+                await coll.create_index([("t", 1), ("_id", 1)], name="lastUpdated")
+                self._types.add(type_)
+
+    def known_types(self) -> set[str]:
+        return set(self._types)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def current(self, type_: str, id_: str) -> Stored | None:
+        if type_ not in self._types:
+            return None
+        doc = await self._db[type_].find_one({"_id": id_}, _CURRENT_FIELDS)
+        return _stored(type_, doc) if doc else None
+
+    async def version(self, type_: str, id_: str, version: int) -> Stored | None:
+        doc = await self._db[HISTORY].find_one({"ty": type_, "id": id_, "v": version})
+        return _stored_history(doc) if doc else None
+
+    async def find(
+        self,
+        type_: str,
+        query: dict[str, Any],
+        *,
+        sort: Sequence[tuple[str, int]] = (),
+        limit: int,
+        skip: int = 0,
+        session: AsyncClientSession | None = None,
+    ) -> list[Stored]:
+        if type_ not in self._types:
+            return []
+        cursor = self._db[type_].find({**query, "d": False}, _CURRENT_FIELDS, session=session)
+        if sort:
+            cursor = cursor.sort(list(sort))
+        if skip:
+            cursor = cursor.skip(skip)
+        if limit:
+            cursor = cursor.limit(limit)
+        return [_stored(type_, d) async for d in cursor]
+
+    async def count(self, type_: str, query: dict[str, Any]) -> int:
+        if type_ not in self._types:
+            return 0
+        return await self._db[type_].count_documents({**query, "d": False})
+
+    async def history(
+        self,
+        type_: str | None,
+        id_: str | None,
+        *,
+        since: datetime | None,
+        at: datetime | None,
+        count: int,
+        cursor: str | None,
+    ) -> HistoryPage:
+        query: dict[str, Any] = {}
+        if type_:
+            query["ty"] = type_
+        if id_:
+            query["id"] = id_
+        if since:
+            query.setdefault("t", {})["$gte"] = since
+        if at:
+            query.setdefault("t", {})["$lte"] = at
+        hist = self._db[HISTORY]
+        if at:
+            # Only the version that was current at `at`, per resource.
+            pipeline: list[dict[str, Any]] = [
+                {"$match": query},
+                {"$sort": {"t": -1, "_id": -1}},
+                {"$group": {"_id": {"ty": "$ty", "id": "$id"}, "doc": {"$first": "$$ROOT"}}},
+                {"$replaceRoot": {"newRoot": "$doc"}},
+                {"$sort": {"t": -1, "_id": -1}},
+            ]
+            docs = [d async for d in await hist.aggregate(pipeline)]
+            return HistoryPage([_stored_history(d) for d in docs[:count]], len(docs), None)
+        total = await hist.count_documents(query) if cursor is None else None
+        if cursor:
+            t, key = _decode_cursor(cursor)
+            query = {"$and": [query, {"$or": [{"t": {"$lt": t}}, {"t": t, "_id": {"$lt": key}}]}]}
+        docs = [d async for d in hist.find(query).sort([("t", -1), ("_id", -1)]).limit(count + 1)]
+        next_cursor = None
+        if len(docs) > count:
+            docs = docs[:count]
+            next_cursor = _encode_cursor(_as_utc(docs[-1]["t"]), docs[-1]["_id"])
+        return HistoryPage([_stored_history(d) for d in docs], total, next_cursor)
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def transact(self, work: Callable[["MongoUnit"], Awaitable[T]]) -> T:
+        """Run ``work`` in a transaction, re-running it after write conflicts (first committer wins)."""
+        delay = 0.002
+        for attempt in range(_MAX_ATTEMPTS):
+            async with self._client.start_session() as session:
+                unit = MongoUnit(self, session)
+                try:
+                    await session.start_transaction(
+                        read_concern=ReadConcern("snapshot"),
+                        write_concern=_DURABLE,
+                        read_preference=ReadPreference.PRIMARY,
+                    )
+                    result = await work(unit)
+                    await unit.flush()
+                    await self._commit(session)
+                    return result
+                except (Conflict, DuplicateKeyError) as e:
+                    await _abort(session)
+                    last: Exception = e
+                except (OperationFailure, BulkWriteError) as e:
+                    await _abort(session)
+                    if not _is_conflict(e):
+                        raise
+                    last = e
+                except BaseException:
+                    await _abort(session)
+                    raise
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.1)
+        raise Conflict(f"gave up after {_MAX_ATTEMPTS} conflicting attempts: {last}")
+
+    async def _commit(self, session: AsyncClientSession) -> None:
+        for _ in range(5):
+            try:
+                await session.commit_transaction()
+                return
+            except PyMongoError as e:
+                if e.has_error_label("UnknownTransactionCommitResult"):
+                    continue
+                raise
+
+    async def drop_everything(self) -> None:
+        """For tests and ``fhir-server reset``: remove all data."""
+        await self._client.drop_database(self._db.name)
+        self._types.clear()
+        await self.open()
+
+
+def _is_conflict(e: PyMongoError) -> bool:
+    if e.has_error_label("TransientTransactionError"):
+        return True
+    if isinstance(e, BulkWriteError):
+        errs = e.details.get("writeErrors", [])
+        return bool(errs) and all(err.get("code") == 11000 for err in errs)
+    return getattr(e, "code", None) in (112, 11000, 251)  # WriteConflict, DuplicateKey, NoSuchTransaction
+
+
+async def _abort(session: AsyncClientSession) -> None:
+    if session.in_transaction:
+        try:
+            await session.abort_transaction()
+        except PyMongoError:
+            pass
+
+
+class MongoUnit:
+    """A unit of work inside one MongoDB transaction. Writes are buffered and sent in bulk
+    before the next read and at commit, so a 2,000-entry transaction costs a few round trips."""
+
+    def __init__(self, store: MongoStore, session: AsyncClientSession) -> None:
+        self._store = store
+        self._db = store._db
+        self._session = session
+        self._pending: list[Write] = []
+        self.written: dict[str, Write] = {}
+
+    async def current(self, type_: str, id_: str) -> Stored | None:
+        await self.flush()
+        if type_ not in self._store._types:
+            return None
+        doc = await self._db[type_].find_one({"_id": id_}, _CURRENT_FIELDS, session=self._session)
+        return _stored(type_, doc) if doc else None
+
+    async def find(self, type_: str, query: dict[str, Any], limit: int) -> list[Stored]:
+        await self.flush()
+        return await self._store.find(type_, query, limit=limit, session=self._session)
+
+    async def exists(self, type_: str, id_: str) -> bool:
+        await self.flush()
+        if type_ not in self._store._types:
+            return False
+        doc = await self._db[type_].find_one({"_id": id_, "d": False}, {"_id": 1}, session=self._session)
+        return doc is not None
+
+    async def existing_ids(self, type_: str, ids: set[str]) -> set[str]:
+        """Those of ``ids`` that are live resources of ``type_``."""
+        await self.flush()
+        if type_ not in self._store._types or not ids:
+            return set()
+        cursor = self._db[type_].find({"_id": {"$in": list(ids)}, "d": False}, {"_id": 1}, session=self._session)
+        return {doc["_id"] async for doc in cursor}
+
+    async def referenced_by(self, target: str, excluding: set[str]) -> str | None:
+        """Some live resource (not in ``excluding``) whose references include ``target``."""
+        await self.flush()
+        for type_ in sorted(self._store._types):
+            async for doc in self._db[type_].find({"s._refs": target}, {"_id": 1}, session=self._session).limit(5):
+                key = f"{type_}/{doc['_id']}"
+                if key not in excluding:
+                    return key
+        return None
+
+    async def lock(self, key: str) -> None:
+        """Serialise units that touch ``key``: two transactions updating one document conflict."""
+        await self._db[LOCKS].update_one({"_id": key}, {"$inc": {"n": 1}}, upsert=True, session=self._session)
+
+    def write(self, write: Write) -> None:
+        self._pending.append(write)
+        self.written[f"{write.type}/{write.id}"] = write
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        await self._store.ensure_types({w.type for w in pending})
+        by_type: dict[str, list[Any]] = {}
+        replaces: dict[str, int] = {}
+        history = []
+        for w in pending:
+            doc = {"_id": w.id, "v": w.version, "t": w.last_updated, "d": w.raw is None, "r": w.raw, "s": w.index}
+            ops = by_type.setdefault(w.type, [])
+            if w.expected_version is None:
+                ops.append(InsertOne(doc))
+            else:
+                ops.append(ReplaceOne({"_id": w.id, "v": w.expected_version}, doc))
+                replaces[w.type] = replaces.get(w.type, 0) + 1
+            history.append(
+                InsertOne(
+                    {
+                        "_id": f"{w.type}/{w.id}/{w.version}",
+                        "ty": w.type,
+                        "id": w.id,
+                        "v": w.version,
+                        "t": w.last_updated,
+                        "d": w.raw is None,
+                        "m": w.method,
+                        "r": w.raw,
+                    }
+                )
+            )
+        for type_, ops in by_type.items():
+            result = await self._db[type_].bulk_write(ops, ordered=True, session=self._session)
+            if result.matched_count != replaces.get(type_, 0):
+                raise Conflict(f"{type_}: a resource changed while this request was processed")
+        await self._db[HISTORY].bulk_write(history, ordered=True, session=self._session)
+
