@@ -13,7 +13,7 @@ import orjson
 from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.interactions.context import FhirResponse, Tx
 from fhir_server.outcome import FhirError, bad_request
-from fhir_server.search.extract import index_resource, references_in
+from fhir_server.search.extract import index_resource
 from fhir_server.storage.base import Stored, Write
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -107,7 +107,8 @@ async def store_resource(
     for hook in tx.server.pre_store:
         await hook(tx, final, current)
     raw = orjson.dumps(final)
-    tx.references.update(references_in(final))
+    index = index_resource(final)
+    tx.references.update(index.get("_refs", ()))
     tx.write(
         Write(
             type=type_,
@@ -115,7 +116,7 @@ async def store_resource(
             version=version,
             last_updated=when,
             raw=raw,
-            index=index_resource(final),
+            index=index,
             method=method,
             expected_version=current.version if current else None,
             previous_deleted=bool(current and current.deleted),

@@ -8,9 +8,13 @@ nothing of a failed transaction is ever visible. A batch runs each entry in its 
 
 from __future__ import annotations
 
+import asyncio
+import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
+
+import orjson
 
 from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.interactions import create as create_mod
@@ -121,8 +125,6 @@ def _response_entry(resp: FhirResponse, base_url: str, representation: bool) -> 
         response["etag"] = resp.headers["ETag"]
     if representation or resp.stored is None or resp.stored.method not in ("POST", "PUT", "PATCH"):
         if resp.raw is not None:
-            import orjson
-
             out["resource"] = orjson.Fragment(resp.raw)
         elif resp.resource is not None and resp.outcome is None:
             out["resource"] = resp.resource
@@ -138,36 +140,48 @@ def _response_entry(resp: FhirResponse, base_url: str, representation: bool) -> 
 # -- transaction -----------------------------------------------------------------------------
 
 
-def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
-    """A copy of ``node`` with every reference (and narrative link) in ``mapping`` replaced."""
+_URN_IN_TEXT = re.compile(r"urn:uuid:[0-9A-Fa-f-]{36}")
+
+
+def _rewrite_in_place(node: Any, mapping: dict[str, str]) -> None:
+    """Replace every reference in ``mapping`` (and urn:uuid links in narrative) inside ``node``."""
     if isinstance(node, dict):
-        out = {}
         for k, v in node.items():
-            if k == "reference" and isinstance(v, str) and v in mapping:
-                out[k] = mapping[v]
-            elif k == "div" and isinstance(v, str) and mapping:
-                for old, new in mapping.items():
-                    if old in v:
-                        v = v.replace(f'"{old}"', f'"{new}"')
-                out[k] = v
-            else:
-                out[k] = _rewrite(v, mapping)
-        return out
-    if isinstance(node, list):
-        return [_rewrite(v, mapping) for v in node]
-    return node
+            if isinstance(v, str):
+                if k == "reference":
+                    if v in mapping:
+                        node[k] = mapping[v]
+                elif k == "div" and "urn:uuid:" in v:
+                    node[k] = _URN_IN_TEXT.sub(lambda m: mapping.get(m.group(0), m.group(0)), v)
+            elif isinstance(v, (dict, list)):
+                _rewrite_in_place(v, mapping)
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, (dict, list)):
+                _rewrite_in_place(v, mapping)
+
+
+def _rewritten(resource: Any, mapping: dict[str, str]) -> Any:
+    """A rewritten copy: the bundle itself stays untouched so that a retried unit starts afresh."""
+    if not isinstance(resource, (dict, list)) or not mapping:
+        return resource
+    copy = orjson.loads(orjson.dumps(resource))
+    _rewrite_in_place(copy, mapping)
+    return copy
 
 
 def _conditional_refs(node: Any, out: set[str]) -> None:
     if isinstance(node, dict):
         for k, v in node.items():
-            if k == "reference" and isinstance(v, str) and "?" in v and not v.startswith(("http", "urn:", "#")):
-                out.add(v)
+            if k == "reference":
+                if isinstance(v, str) and "?" in v and not v.startswith(("http", "urn:", "#")):
+                    out.add(v)
             elif isinstance(v, (dict, list)):
                 _conditional_refs(v, out)
     elif isinstance(node, list):
         for v in node:
-            _conditional_refs(v, out)
+            if isinstance(v, (dict, list)):
+                _conditional_refs(v, out)
 
 
 async def _resolve_identities(tx: Tx, entries: list[_Entry], mapping: dict[str, str]) -> None:
@@ -230,7 +244,7 @@ def _in_entry(error: FhirError, index: int) -> FhirError:
 
 
 async def _run_entry_in(tx: Tx, e: _Entry, base_url: str, mapping: dict[str, str]) -> FhirResponse:
-    body = _rewrite(e.resource, mapping) if e.resource is not None else None
+    body = _rewritten(e.resource, mapping) if e.resource is not None else None
     if e.method == "POST" and e.type and not e.query and e.id is None:
         if e.matched_existing:
             existing = await tx.unit.current(e.type, e.target_id or "")
@@ -323,15 +337,23 @@ async def _batch_entry(server: Server, raw: Any, index: int, base_url: str) -> F
     return await handler(server, req)
 
 
+_BATCH_CONCURRENCY = 8
+
+
 async def _batch(server: Server, raw_entries: list[Any], base_url: str, representation: bool) -> dict[str, Any]:
-    out = []
-    for index, raw in enumerate(raw_entries):
-        try:
-            resp = await _batch_entry(server, raw, index, base_url)
-            out.append(_response_entry(resp, base_url, representation))
-        except FhirError as err:
-            out.append({"response": {"status": str(err.status), "outcome": _in_entry(err, index).outcome()}})
-    return {"resourceType": "Bundle", "type": "batch-response", "entry": out}
+    """Entries of a batch are independent (http.html#brules), so a few run at once."""
+    gate = asyncio.Semaphore(_BATCH_CONCURRENCY)
+
+    async def one(index: int, raw: Any) -> dict[str, Any]:
+        async with gate:
+            try:
+                resp = await _batch_entry(server, raw, index, base_url)
+                return _response_entry(resp, base_url, representation)
+            except FhirError as err:
+                return {"response": {"status": str(err.status), "outcome": _in_entry(err, index).outcome()}}
+
+    out = await asyncio.gather(*(one(i, raw) for i, raw in enumerate(raw_entries)))
+    return {"resourceType": "Bundle", "type": "batch-response", "entry": list(out)}
 
 
 async def process(server: Server, req: FhirRequest) -> FhirResponse:

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from fhir_server.search.parameters import SPECIAL, SearchParam, params_for
 
@@ -72,14 +72,31 @@ class _Unsupported(Exception):
     pass
 
 
+@lru_cache(maxsize=1)
+def _choice_names() -> frozenset[str]:
+    """Base names of every choice element (``value`` of ``value[x]``), from the R4 definitions."""
+    from fhir_server.definitions import load_model
+
+    names = set()
+    for type_def in load_model()["types"].values():
+        for row in type_def.get("elements", ()):
+            last = row["p"].rsplit(".", 1)[-1]
+            if last.endswith("[x]"):
+                names.add(last[:-3])
+    return frozenset(names)
+
+
 def _children(nodes: list[Any], name: str) -> list[Any]:
     out: list[Any] = []
+    choice = name in _choice_names()
     for node in nodes:
         if not isinstance(node, dict):
             continue
         value = node.get(name)
         if value is None:
-            # A choice element (`value` for valueQuantity, valueString, ...).
+            if not choice:
+                continue
+            # A choice element: `value` finds valueQuantity, valueString, ...
             for key, v in node.items():
                 if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
                     value = v
@@ -409,7 +426,3 @@ def index_resource(resource: dict[str, Any]) -> dict[str, Any]:
     return index
 
 
-def references_in(resource: dict[str, Any]) -> Iterable[str]:
-    refs: set[str] = set()
-    _collect_references(resource, refs)
-    return refs
