@@ -26,17 +26,18 @@ def shape(resource: dict[str, Any], summary: str | None, elements: list[str] | N
     type_ = resource.get("resourceType", "")
     if summary in (None, "false") and not elements:
         return resource
+    # `_birthDate`-style companions (primitive extensions) go with their element.
     if summary == "true":
         keep = summary_elements(type_)
-        out = {k: v for k, v in resource.items() if k in keep or k in _ALWAYS}
+        out = {k: v for k, v in resource.items() if k.lstrip("_") in keep or k in _ALWAYS}
     elif summary == "text":
         keep = mandatory_elements(type_)
-        out = {k: v for k, v in resource.items() if k in keep or k in _ALWAYS or k == "text"}
+        out = {k: v for k, v in resource.items() if k.lstrip("_") in keep or k in _ALWAYS or k == "text"}
     elif summary == "data":
         out = {k: v for k, v in resource.items() if k != "text"}
     elif elements:
         keep = set(elements) | mandatory_elements(type_)
-        out = {k: v for k, v in resource.items() if k in keep or k in _ALWAYS}
+        out = {k: v for k, v in resource.items() if k.lstrip("_") in keep or k in _ALWAYS}
     else:
         raise bad_request(f"Invalid _summary '{summary}'", expression=["_summary"])
     _mark_subsetted(out)
