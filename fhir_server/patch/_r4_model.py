@@ -1,17 +1,15 @@
 """What the patch engines need to know about R4 element definitions.
 
 Types, choice types and content references come from fhirpathpy's R4 model (the same one the
-paths are evaluated with); cardinality comes from the shipped ``_r4_repeating.json.gz``.
+paths are evaluated with); cardinality comes from the server's generated R4 model
+(:mod:`fhir_server.definitions`).
 A "type path" is what fhirpathpy puts in ``ResourceNode.path``: a type name (``HumanName``,
 ``Patient``) or, for anonymous backbone elements, the element path (``Patient.contact``).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from fhirpathpy.models import models
@@ -25,9 +23,18 @@ _ANONYMOUS = {"BackboneElement", "Element"}
 
 
 @cache
-def _repeating() -> frozenset[str]:
-    raw = (Path(__file__).with_name("_r4_repeating.json.gz")).read_bytes()
-    return frozenset(json.loads(gzip.decompress(raw)))
+def _cardinality() -> tuple[frozenset[str], dict[str, str]]:
+    """Element paths with max > 1, and content references (``ValueSet.compose.exclude`` → ``…include``)."""
+    from fhir_server.definitions import load_model
+
+    repeating, refs = set(), {}
+    for type_def in load_model()["types"].values():
+        for row in type_def["elements"]:
+            if row["x"] not in ("0", "1"):
+                repeating.add(row["p"])
+            if row.get("r"):
+                refs[row["p"]] = row["r"].lstrip("#")
+    return frozenset(repeating), refs
 
 
 def _element(owner: str, name: str) -> str:
@@ -46,7 +53,26 @@ def is_repeating(owner: str | None, name: str) -> bool:
     """Whether ``owner.name`` has max cardinality ``*`` (False when unknown)."""
     # Cardinality belongs to the referencing element, so look it up before resolving
     # a content reference (Questionnaire.item.item -> Questionnaire.item).
-    return bool(owner) and f"{owner}.{name}" in _repeating()
+    if not owner:
+        return False
+    if name in ("extension", "modifierExtension"):
+        return True
+    repeating, refs = _cardinality()
+    path = f"{owner}.{name}"
+    for _ in range(8):  # content references can chain (Questionnaire.item.item.item)
+        if path in repeating:
+            return True
+        parent = path.rsplit(".", 1)[0]
+        prefix = next((p for p in _prefixes(parent) if p in refs), None)
+        if prefix is None:
+            return False
+        path = refs[prefix] + path[len(prefix):]
+    return False
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 1, -1)]
 
 
 def choice_types(owner: str | None, name: str) -> list[str] | None:
