@@ -14,9 +14,10 @@ from starlette.responses import Response
 
 from fhir_server.config import Settings, load_settings
 from fhir_server.http.negotiation import error_response
-from fhir_server.http.routes import router
-from fhir_server.interactions.context import Server
+from fhir_server.http.routes import install_routes
+from fhir_server.interactions.context import Server, storage_error
 from fhir_server.outcome import FhirError
+from fhir_server.storage.base import Conflict, TooLarge
 from fhir_server.storage.mongo import MongoStore
 
 log = logging.getLogger("fhir_server")
@@ -52,11 +53,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await client.close()
 
     app = FastAPI(title="fhir-server-cn", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(router, prefix=settings.base_path)
+    install_routes(app, settings.base_path)
 
     @app.exception_handler(FhirError)
     async def _fhir_error(request: Request, exc: FhirError) -> Response:
         return error_response(exc, request.query_params.get("_pretty") == "true")
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict) -> Response:
+        return error_response(storage_error(exc))
+
+    @app.exception_handler(TooLarge)
+    async def _too_large(request: Request, exc: TooLarge) -> Response:
+        return error_response(storage_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

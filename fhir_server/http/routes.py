@@ -1,10 +1,10 @@
-"""URL → interaction. Each route builds a FhirRequest and hands it to one interaction module."""
+"""URL → interaction: the path is dispatched to one interaction module, with a FhirRequest built from the HTTP request."""
 
 from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from fastapi import APIRouter
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -57,91 +57,82 @@ async def _dispatch(
     return render(request, await handler(server, req))
 
 
-router = APIRouter()
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-@router.get("/metadata")
-async def get_metadata(request: Request) -> Response:
-    return await _dispatch(request, capabilities.capabilities)
+def _not_allowed(request: Request) -> FhirError:
+    return FhirError.of(405, "not-supported", f"{request.method} is not allowed on {request.url.path[:200]}")
 
 
-@router.post("/")
-@router.post("")
-async def post_bundle(request: Request) -> Response:
-    return await _dispatch(request, bundle.process, body=True)
+async def _route(request: Request) -> Response:
+    """Dispatch on the path segments after the base (http.html#general).
+
+    One route and a few comparisons: FastAPI's per-route matching and dependency solving cost
+    more than a read from MongoDB, and every FHIR request passes through here.
+    """
+    path = request.path_params.get("path", "")
+    segments = [s for s in path.split("/") if s]
+    method = request.method
+    n = len(segments)
+    if n == 0:
+        if method == "GET":
+            return await _dispatch(request, search.search)
+        if method == "POST":
+            return await _dispatch(request, bundle.process, body=True)
+        raise _not_allowed(request)
+    first = segments[0]
+    if n == 1:
+        if first == "metadata":
+            if method == "GET":
+                return await _dispatch(request, capabilities.capabilities)
+            raise _not_allowed(request)
+        if first == "_history":
+            if method == "GET":
+                return await _dispatch(request, history.history)
+            raise _not_allowed(request)
+        handler, flags = _TYPE_LEVEL.get(method, (None, {}))
+        if handler is None:
+            raise _not_allowed(request)
+        return await _dispatch(request, handler, type_=first, **flags)
+    second = segments[1]
+    if n == 2:
+        if second == "_search":
+            if method == "POST":
+                return await _dispatch(request, search.search, type_=first, form=True)
+            raise _not_allowed(request)
+        if second == "_history":
+            if method == "GET":
+                return await _dispatch(request, history.history, type_=first)
+            raise _not_allowed(request)
+        handler, flags = _INSTANCE_LEVEL.get(method, (None, {}))
+        if handler is None:
+            raise _not_allowed(request)
+        return await _dispatch(request, handler, type_=first, id_=second, **flags)
+    if segments[2] == "_history" and n in (3, 4):
+        if method != "GET":
+            raise _not_allowed(request)
+        if n == 3:
+            return await _dispatch(request, history.history, type_=first, id_=second)
+        return await _dispatch(request, read.vread, type_=first, id_=second, version=segments[3])
+    raise FhirError.of(404, "not-found", f"No FHIR endpoint at {request.url.path[:200]}")
 
 
-@router.get("/")
-@router.get("")
-async def system_search(request: Request) -> Response:
-    return await _dispatch(request, search.search)
+_TYPE_LEVEL: dict[str, tuple[Handler, dict[str, bool]]] = {
+    "GET": (search.search, {}),
+    "POST": (create.create, {"body": True}),
+    "PUT": (update.update, {"body": True}),  # conditional update
+    "DELETE": (delete.delete, {}),  # conditional delete
+    "PATCH": (patch.patch, {"patch_body": True}),  # conditional patch
+}
+_INSTANCE_LEVEL: dict[str, tuple[Handler, dict[str, bool]]] = {
+    "GET": (read.read, {}),
+    "PUT": (update.update, {"body": True}),
+    "DELETE": (delete.delete, {}),
+    "PATCH": (patch.patch, {"patch_body": True}),
+}
 
 
-@router.get("/_history")
-async def system_history(request: Request) -> Response:
-    return await _dispatch(request, history.history)
-
-
-@router.get("/{type_}")
-async def type_search(request: Request, type_: str) -> Response:
-    return await _dispatch(request, search.search, type_=type_)
-
-
-@router.post("/{type_}/_search")
-async def type_search_post(request: Request, type_: str) -> Response:
-    return await _dispatch(request, search.search, type_=type_, form=True)
-
-
-@router.post("/{type_}")
-async def create_resource(request: Request, type_: str) -> Response:
-    return await _dispatch(request, create.create, type_=type_, body=True)
-
-
-@router.put("/{type_}")
-async def conditional_update(request: Request, type_: str) -> Response:
-    return await _dispatch(request, update.update, type_=type_, body=True)
-
-
-@router.delete("/{type_}")
-async def conditional_delete(request: Request, type_: str) -> Response:
-    return await _dispatch(request, delete.delete, type_=type_)
-
-
-@router.patch("/{type_}")
-async def conditional_patch(request: Request, type_: str) -> Response:
-    return await _dispatch(request, patch.patch, type_=type_, patch_body=True)
-
-
-@router.get("/{type_}/_history")
-async def type_history(request: Request, type_: str) -> Response:
-    return await _dispatch(request, history.history, type_=type_)
-
-
-@router.get("/{type_}/{id_}")
-async def read_resource(request: Request, type_: str, id_: str) -> Response:
-    return await _dispatch(request, read.read, type_=type_, id_=id_)
-
-
-@router.put("/{type_}/{id_}")
-async def update_resource(request: Request, type_: str, id_: str) -> Response:
-    return await _dispatch(request, update.update, type_=type_, id_=id_, body=True)
-
-
-@router.delete("/{type_}/{id_}")
-async def delete_resource(request: Request, type_: str, id_: str) -> Response:
-    return await _dispatch(request, delete.delete, type_=type_, id_=id_)
-
-
-@router.patch("/{type_}/{id_}")
-async def patch_resource(request: Request, type_: str, id_: str) -> Response:
-    return await _dispatch(request, patch.patch, type_=type_, id_=id_, patch_body=True)
-
-
-@router.get("/{type_}/{id_}/_history")
-async def instance_history(request: Request, type_: str, id_: str) -> Response:
-    return await _dispatch(request, history.history, type_=type_, id_=id_)
-
-
-@router.get("/{type_}/{id_}/_history/{version}")
-async def vread_resource(request: Request, type_: str, id_: str, version: str) -> Response:
-    return await _dispatch(request, read.vread, type_=type_, id_=id_, version=version)
+def install_routes(app: Starlette, base_path: str) -> None:
+    """Serve FHIR under ``base_path`` (with and without a trailing slash)."""
+    app.add_route(base_path, _route, methods=_ALL_METHODS)
+    app.add_route(base_path + "/{path:path}", _route, methods=_ALL_METHODS)

@@ -1,9 +1,10 @@
 """batch and transaction (http.html#transaction).
 
-A transaction runs in one unit of work: it resolves identities (ifNoneExist, conditional PUT),
-assigns ids, resolves conditional references, rewrites every ``urn:uuid:`` / fullUrl reference,
-then processes DELETE, POST, PUT/PATCH, GET in that order. Any failure aborts the whole unit, so
-nothing of a failed transaction is ever visible. A batch runs each entry in its own unit.
+A transaction runs in one unit of work: it processes the DELETEs, then resolves identities
+(ifNoneExist, conditional PUT), assigns ids, resolves conditional references, rewrites every
+``urn:uuid:`` / fullUrl reference, then processes POST, PUT/PATCH, GET in that order. Any failure
+aborts the whole unit, so nothing of a failed transaction is ever visible. A batch runs each entry
+in its own unit.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from fhir_server.interactions import search as search_mod
 from fhir_server.interactions import update as update_mod
 from fhir_server.interactions._conditional import find_matches, parse_criteria, too_many
 from fhir_server.interactions._resource import instant, new_id, prefer_return, stored_headers
-from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx
+from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx, storage_error
 from fhir_server.outcome import FhirError, Issue, bad_request, operation_outcome
+from fhir_server.storage.base import Conflict, TooLarge
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 304: "304 Not Modified"}
@@ -112,7 +114,7 @@ def _request_for(entry: _Entry, base_url: str, body: Any, headers: dict[str, str
     )
 
 
-def _response_entry(resp: FhirResponse, base_url: str, representation: bool) -> dict[str, Any]:
+def _response_entry(resp: FhirResponse, base_url: str, representation: bool, method: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     response: dict[str, Any] = {"status": _STATUS_TEXT.get(resp.status, str(resp.status))}
     if resp.stored is not None:
@@ -123,7 +125,8 @@ def _response_entry(resp: FhirResponse, base_url: str, representation: bool) -> 
         response["lastModified"] = instant(s.last_updated)
     elif "ETag" in resp.headers:
         response["etag"] = resp.headers["ETag"]
-    if representation or resp.stored is None or resp.stored.method not in ("POST", "PUT", "PATCH"):
+    # A read answers with the resource; a write only when asked (Prefer: return=representation).
+    if method == "GET" or representation or resp.stored is None or resp.stored.method not in ("POST", "PUT", "PATCH"):
         if resp.raw is not None:
             out["resource"] = orjson.Fragment(resp.raw)
         elif resp.resource is not None and resp.outcome is None:
@@ -168,6 +171,37 @@ def _rewritten(resource: Any, mapping: dict[str, str]) -> Any:
     copy = orjson.loads(orjson.dumps(resource))
     _rewrite_in_place(copy, mapping)
     return copy
+
+
+def _placeholders(node: Any, out: set[str]) -> None:
+    """References to a bundle entry's temporary identity (``urn:uuid:`` / ``urn:oid:``) inside ``node``."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "reference":
+                if isinstance(v, str) and v.startswith(("urn:uuid:", "urn:oid:")):
+                    out.add(v)
+            elif isinstance(v, (dict, list)):
+                _placeholders(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, (dict, list)):
+                _placeholders(v, out)
+
+
+def _check_placeholders(e: _Entry, mapping: dict[str, str], kind: str) -> None:
+    """A urn:uuid/urn:oid reference must name another entry of the transaction; in a batch, where
+    entries must not depend on each other (http.html#brules), none can be resolved."""
+    if e.resource is None:
+        return
+    found: set[str] = set()
+    _placeholders(e.resource, found)
+    unresolved = sorted(found - mapping.keys())
+    if unresolved:
+        raise bad_request(
+            f"Bundle.entry[{e.index}]: reference '{unresolved[0][:100]}' is not the fullUrl of an entry "
+            + ("of this transaction" if kind == "transaction" else "that can be used: batch entries must not refer to each other"),
+            expression=[f"Bundle.entry[{e.index}].resource"],
+        )
 
 
 def _conditional_refs(node: Any, out: set[str]) -> None:
@@ -236,8 +270,15 @@ async def _resolve_conditional_refs(tx: Tx, entries: list[_Entry], mapping: dict
 
 
 def _in_entry(error: FhirError, index: int) -> FhirError:
+    where = f"Bundle.entry[{index}]"
     issues = [
-        Issue(i.code, f"Bundle.entry[{index}]: {i.diagnostics}", i.severity, i.expression or (f"Bundle.entry[{index}]",), i.details_zh)
+        Issue(
+            i.code,
+            i.diagnostics if i.diagnostics.startswith(where) else f"{where}: {i.diagnostics}",
+            i.severity,
+            i.expression or (where,),
+            i.details_zh,
+        )
         for i in error.issues
     ]
     return FhirError(error.status, issues, error.headers)
@@ -266,6 +307,8 @@ async def _run_entry_in(tx: Tx, e: _Entry, base_url: str, mapping: dict[str, str
         return await delete_mod.delete_in(tx, _request_for(e, base_url, None))
     if e.method in ("GET", "HEAD") and e.type and e.id and e.version is None:
         return await read_mod.read_in(tx, _request_for(e, base_url, None))
+    if e.method in ("GET", "HEAD") and e.type and e.id is None and not e.url.split("?")[0].rstrip("/").endswith("_history"):
+        return await search_mod.search_in(tx, _request_for(e, base_url, None))
     raise FhirError.of(400, "not-supported", f"Bundle.entry[{e.index}]: {e.method} {e.url[:100]} is not supported in a transaction")
 
 
@@ -274,14 +317,26 @@ async def _transaction(server: Server, entries: list[_Entry], base_url: str, rep
 
     async def work(tx: Tx) -> list[FhirResponse]:
         mapping: dict[str, str] = {}
-        await _resolve_identities(tx, entries, mapping)
-        await _resolve_conditional_refs(tx, entries, mapping)
         results: list[FhirResponse | None] = [None] * len(entries)
-        for e in sorted(entries, key=lambda e: _ORDER[e.method]):
+
+        async def run(e: _Entry) -> None:
             try:
                 results[e.index] = await _run_entry_in(tx, e, base_url, mapping)
             except FhirError as err:
                 raise _in_entry(err, e.index) from None
+
+        # Deletions come first (http.html#trules), so that the conditional creates, updates and
+        # references resolved next no longer see what this transaction deletes.
+        for e in entries:
+            if e.method == "DELETE":
+                await run(e)
+        await _resolve_identities(tx, entries, mapping)
+        for e in entries:
+            _check_placeholders(e, mapping, "transaction")
+        await _resolve_conditional_refs(tx, entries, mapping)
+        for e in sorted(entries, key=lambda e: _ORDER[e.method]):
+            if e.method != "DELETE":
+                await run(e)
         return [r for r in results if r is not None]
 
     # Entries are re-parsed per attempt because _run_entry_in sets ids on them.
@@ -296,7 +351,7 @@ async def _transaction(server: Server, entries: list[_Entry], base_url: str, rep
     return {
         "resourceType": "Bundle",
         "type": "transaction-response",
-        "entry": [_response_entry(r, base_url, representation) for r in responses],
+        "entry": [_response_entry(r, base_url, representation, e.method) for r, e in zip(responses, entries)],
     }
 
 
@@ -305,6 +360,7 @@ async def _transaction(server: Server, entries: list[_Entry], base_url: str, rep
 
 async def _batch_entry(server: Server, raw: Any, index: int, base_url: str) -> FhirResponse:
     e = _entry_from(raw, index, base_url)
+    _check_placeholders(e, {}, "batch")
     req = _request_for(e, base_url, e.resource)
     req.in_transaction = False
     handler: Callable[[Server, FhirRequest], Awaitable[FhirResponse]]
@@ -348,8 +404,9 @@ async def _batch(server: Server, raw_entries: list[Any], base_url: str, represen
         async with gate:
             try:
                 resp = await _batch_entry(server, raw, index, base_url)
-                return _response_entry(resp, base_url, representation)
-            except FhirError as err:
+                return _response_entry(resp, base_url, representation, raw["request"]["method"])
+            except (FhirError, Conflict, TooLarge) as exc:
+                err = exc if isinstance(exc, FhirError) else storage_error(exc)
                 return {"response": {"status": str(err.status), "outcome": _in_entry(err, index).outcome()}}
 
     out = await asyncio.gather(*(one(i, raw) for i, raw in enumerate(raw_entries)))

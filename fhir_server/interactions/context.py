@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 from fhir_server.config import Settings
-from fhir_server.storage.base import Stored, Write
+from fhir_server.outcome import FhirError
+from fhir_server.storage.base import Conflict, Stored, TooLarge, Write
 from fhir_server.storage.mongo import MongoStore, MongoUnit
 
 T = TypeVar("T")
@@ -47,6 +48,15 @@ class FhirResponse:
     headers: dict[str, str] = field(default_factory=dict)
     stored: Stored | None = None
     outcome: dict[str, Any] | None = None  # for Prefer: return=OperationOutcome
+
+
+def storage_error(exc: Conflict | TooLarge) -> FhirError:
+    """The answer to a write the database refused after the unit's retries."""
+    if isinstance(exc, TooLarge):
+        return FhirError.of(413, "too-costly", "The resource is larger than the database can store")
+    return FhirError.of(
+        409, "conflict", "The resource was changed concurrently by other requests too many times; retry the request"
+    )
 
 
 PreStore = Callable[["Tx", dict[str, Any], Stored | None], Awaitable[None]]

@@ -35,5 +35,5 @@ async def create_in(tx: Tx, req: FhirRequest, *, id_: str | None = None) -> Fhir
             existing = found[0]
             return FhirResponse(200, raw=existing.raw, headers=stored_headers(existing, req.base_url, location=True), stored=existing)
     # The server assigns the id; a client-supplied id in a create is ignored (http.html#create).
-    stored, final = await store_resource(tx, resource, id_ or new_id(), None, "POST")
+    stored, final = await store_resource(tx, resource, id_ or new_id(), None, "POST", base_url=req.base_url)
     return write_response(201, stored, final, req.base_url)

@@ -14,11 +14,11 @@ from fhir_server.outcome import bad_request, not_found
 from fhir_server.search.extract import date_range
 
 
-def _instant_param(name: str, value: str, high: bool) -> datetime:
+def _period_param(name: str, value: str) -> tuple[datetime, datetime]:
     bounds = date_range(value)
     if bounds is None:
         raise bad_request(f"Invalid {name} '{value[:60]}': expected a FHIR instant", expression=[name])
-    return bounds[1] if high else bounds[0]
+    return bounds
 
 
 async def history(server: Server, req: FhirRequest) -> FhirResponse:
@@ -32,9 +32,10 @@ async def history(server: Server, req: FhirRequest) -> FhirResponse:
     cursor = None
     for k, v in req.query:
         if k == "_since":
-            since = _instant_param(k, v, high=False)
+            since = _period_param(k, v)[0]
         elif k == "_at":
-            at = _instant_param(k, v, high=True)
+            # A period: the versions current at some point during it (http.html#history).
+            at = _period_param(k, v)
         elif k == "_count":
             if not v.isdigit():
                 raise bad_request(f"_count must be a non-negative integer, got '{v[:20]}'", expression=["_count"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import orjson
 
 from fhir_server.interactions._conditional import find_matches, too_many
@@ -13,7 +15,7 @@ from fhir_server.interactions._resource import (
     write_response,
 )
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx
-from fhir_server.outcome import FhirError, gone, not_found, precondition_failed
+from fhir_server.outcome import FhirError, bad_request, gone, not_found, precondition_failed
 from fhir_server.patch import apply_fhirpath_patch, apply_json_patch
 
 JSON_PATCH = "application/json-patch+json"
@@ -25,10 +27,21 @@ async def patch(server: Server, req: FhirRequest) -> FhirResponse:
     return await server.transact(lambda tx: patch_in(tx, req), {req.type})
 
 
+def _binary_json_patch(binary: dict) -> list:
+    """The JSON Patch carried by a Binary, as batch and transaction entries send it (http.html#patch)."""
+    try:
+        return orjson.loads(base64.b64decode(binary.get("data") or "", validate=True))
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise bad_request("The Binary's data is not a base64-encoded JSON Patch", expression=["Binary.data"]) from None
+
+
 def _apply(req: FhirRequest, resource: dict) -> dict:
     content_type = (req.header("content-type") or "").split(";")[0].strip().lower()
     if content_type == JSON_PATCH or isinstance(req.body, list):
         return apply_json_patch(resource, req.body)
+    body = req.body
+    if isinstance(body, dict) and body.get("resourceType") == "Binary" and body.get("contentType") == JSON_PATCH:
+        return apply_json_patch(resource, _binary_json_patch(body))
     if isinstance(req.body, dict) and req.body.get("resourceType") == "Parameters":
         return apply_fhirpath_patch(resource, req.body)
     raise FhirError.of(
@@ -65,5 +78,5 @@ async def patch_in(tx: Tx, req: FhirRequest) -> FhirResponse:
     patched = _apply(req, original)
     if not isinstance(patched, dict) or patched.get("resourceType") != req.type or patched.get("id") != current.id:
         raise FhirError.of(422, "processing", "A patch must not change the resource's type or id")
-    stored, final = await store_resource(tx, patched, current.id, current, "PATCH")
+    stored, final = await store_resource(tx, patched, current.id, current, "PATCH", base_url=req.base_url)
     return write_response(200, stored, final, req.base_url)

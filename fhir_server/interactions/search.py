@@ -11,11 +11,13 @@ from urllib.parse import urlencode
 
 import orjson
 
+from fhir_server.config import Settings
 from fhir_server.interactions._representation import shape_raw
 from fhir_server.interactions._resource import check_type
-from fhir_server.interactions.context import FhirRequest, FhirResponse, Server
+from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx
 from fhir_server.outcome import FhirError, operation_outcome
 from fhir_server.search.query import compile_search
+from fhir_server.storage.mongo import MongoStore, MongoUnit
 
 
 def _lenient(req: FhirRequest) -> bool:
@@ -23,6 +25,15 @@ def _lenient(req: FhirRequest) -> bool:
 
 
 async def search(server: Server, req: FhirRequest) -> FhirResponse:
+    return await _search(server.settings, server.store, req)
+
+
+async def search_in(tx: Tx, req: FhirRequest) -> FhirResponse:
+    """A search inside a transaction: sees the transaction's own writes."""
+    return await _search(tx.settings, tx.unit, req)
+
+
+async def _search(settings: Settings, store: MongoStore | MongoUnit, req: FhirRequest) -> FhirResponse:
     if req.type is None:
         types = [v for k, v in req.query if k == "_type"]
         if len(types) == 1 and "," not in types[0]:
@@ -31,7 +42,6 @@ async def search(server: Server, req: FhirRequest) -> FhirResponse:
         else:
             raise FhirError.of(400, "not-supported", "System-level search needs exactly one _type (more is not supported yet)")
     check_type(req.type)
-    settings = server.settings
     compiled = compile_search(
         req.type,
         [(k, v) for k, v in req.query if k not in ("_format", "_pretty")],
@@ -40,7 +50,6 @@ async def search(server: Server, req: FhirRequest) -> FhirResponse:
         lenient=_lenient(req),
         base_url=req.base_url,
     )
-    store = server.store
     self_url = f"{req.base_url}/{req.type}"
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if compiled.summary == "count":

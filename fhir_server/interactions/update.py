@@ -41,7 +41,7 @@ async def update_in(tx: Tx, req: FhirRequest) -> FhirResponse:
     _check_body_id(resource, req.id)
     current = await tx.unit.current(req.type, req.id)
     _check_if_match(req, current.version if current and not current.deleted else None)
-    stored, final = await store_resource(tx, resource, req.id, current, "PUT")
+    stored, final = await store_resource(tx, resource, req.id, current, "PUT", base_url=req.base_url)
     created = current is None or current.deleted
     return write_response(201 if created else 200, stored, final, req.base_url)
 
@@ -76,14 +76,14 @@ async def _conditional_update(tx: Tx, req: FhirRequest, resource: dict) -> FhirR
                 expression=["id"],
             )
         _check_if_match(req, current.version)
-        stored, final = await store_resource(tx, resource, current.id, current, "PUT")
+        stored, final = await store_resource(tx, resource, current.id, current, "PUT", base_url=req.base_url)
         return write_response(200, stored, final, req.base_url)
     if body_id is not None:
         check_id(body_id)
         existing = await tx.unit.current(req.type, body_id)
         if existing is not None and not existing.deleted:
             raise FhirError.of(409, "conflict", f"{req.type}/{body_id} exists but does not match the criteria")
-        stored, final = await store_resource(tx, resource, body_id, existing, "PUT")
+        stored, final = await store_resource(tx, resource, body_id, existing, "PUT", base_url=req.base_url)
     else:
-        stored, final = await store_resource(tx, resource, new_id(), None, "PUT")
+        stored, final = await store_resource(tx, resource, new_id(), None, "PUT", base_url=req.base_url)
     return write_response(201, stored, final, req.base_url)

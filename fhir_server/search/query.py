@@ -270,6 +270,10 @@ def compile_search(
     for raw_name, value in query:
         if len(value) > MAX_VALUE_LENGTH or len(raw_name) > 256:
             raise FhirError.of(400, "too-long", f"Search parameter '{raw_name[:60]}' is too long")
+        if "\x00" in value or "\x00" in raw_name:
+            # No FHIR value holds a NUL, and MongoDB refuses one inside a regular expression.
+            shown = raw_name.replace("\x00", "")[:60]
+            raise bad_request(f"Search parameter '{shown}' contains a NUL character", expression=[shown])
         name, _, modifier = raw_name.partition(":")
         if name in RESULT_PARAMS:
             _result_param(result, resource_type, name, value, default_count, max_count)

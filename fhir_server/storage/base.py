@@ -49,6 +49,10 @@ class Conflict(Exception):
     """Another writer got there first (version moved, id taken). The unit of work is retried."""
 
 
+class TooLarge(Exception):
+    """A resource (or a unit of work) is larger than the database can store."""
+
+
 class UnitOfWork(Protocol):
     """Reads that see this unit's own writes, and writes that become visible only on commit."""
 
@@ -88,7 +92,7 @@ class Store(Protocol):
         id_: str | None,
         *,
         since: datetime | None,
-        at: datetime | None,
+        at: tuple[datetime, datetime] | None,
         count: int,
         cursor: str | None,
     ) -> HistoryPage: ...

@@ -20,12 +20,12 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from pymongo import AsyncMongoClient, InsertOne, ReplaceOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, CollectionInvalid, DocumentTooLarge, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
 from pymongo.read_preferences import ReadPreference
 from pymongo.write_concern import WriteConcern
 
-from fhir_server.storage.base import Conflict, HistoryPage, Stored, Write
+from fhir_server.storage.base import Conflict, HistoryPage, Stored, TooLarge, Write
 
 T = TypeVar("T")
 
@@ -34,6 +34,8 @@ LOCKS = "_locks"
 _CURRENT_FIELDS = {"v": 1, "t": 1, "d": 1, "r": 1}
 _MAX_ATTEMPTS = 200
 _DURABLE = WriteConcern("majority", j=True)
+# BSONObjectTooLarge, TransactionTooLarge, and the "too large" codes of the write path.
+_TOO_LARGE_CODES = (10334, 257, 17419, 17420)
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -90,9 +92,10 @@ class MongoStore:
 
     async def _create(self, name: str) -> None:
         try:
-            await self._db.create_collection(name)
-        except OperationFailure as e:
-            if e.code != 48:  # NamespaceExists: another worker made it first
+            await self._db.create_collection(name, check_exists=False)
+        except (OperationFailure, CollectionInvalid) as e:
+            # Another worker (or server) made it first.
+            if isinstance(e, OperationFailure) and e.code != 48:  # NamespaceExists
                 raise
 
     async def ensure_types(self, types: set[str]) -> None:
@@ -114,8 +117,6 @@ class MongoStore:
     # -- reads ---------------------------------------------------------------------------
 
     async def current(self, type_: str, id_: str) -> Stored | None:
-        if type_ not in self._types:
-            return None
         doc = await self._db[type_].find_one({"_id": id_}, _CURRENT_FIELDS)
         return _stored(type_, doc) if doc else None
 
@@ -133,8 +134,6 @@ class MongoStore:
         skip: int = 0,
         session: AsyncClientSession | None = None,
     ) -> list[Stored]:
-        if type_ not in self._types:
-            return []
         cursor = self._db[type_].find({**query, "d": False}, _CURRENT_FIELDS, session=session)
         if sort:
             cursor = cursor.sort(list(sort))
@@ -144,10 +143,8 @@ class MongoStore:
             cursor = cursor.limit(limit)
         return [_stored(type_, d) async for d in cursor]
 
-    async def count(self, type_: str, query: dict[str, Any]) -> int:
-        if type_ not in self._types:
-            return 0
-        return await self._db[type_].count_documents({**query, "d": False})
+    async def count(self, type_: str, query: dict[str, Any], *, session: AsyncClientSession | None = None) -> int:
+        return await self._db[type_].count_documents({**query, "d": False}, session=session)
 
     async def history(
         self,
@@ -155,7 +152,7 @@ class MongoStore:
         id_: str | None,
         *,
         since: datetime | None,
-        at: datetime | None,
+        at: tuple[datetime, datetime] | None,
         count: int,
         cursor: str | None,
     ) -> HistoryPage:
@@ -164,27 +161,40 @@ class MongoStore:
             query["ty"] = type_
         if id_:
             query["id"] = id_
-        if since:
-            query.setdefault("t", {})["$gte"] = since
-        if at:
-            query.setdefault("t", {})["$lte"] = at
         hist = self._db[HISTORY]
+        after: dict[str, Any] = {}
+        if cursor:
+            t, key = _decode_cursor(cursor)
+            after = {"$or": [{"t": {"$lt": t}}, {"t": t, "_id": {"$lt": key}}]}
         if at:
-            # Only the version that was current at `at`, per resource.
+            # The versions current at some point during [lo, hi]: each resource's version current
+            # at lo (unless that is a deletion), and every version made after lo up to hi.
+            lo, hi = at
             pipeline: list[dict[str, Any]] = [
-                {"$match": query},
+                {"$match": {**query, "t": {"$lte": lo}}},
                 {"$sort": {"t": -1, "_id": -1}},
                 {"$group": {"_id": {"ty": "$ty", "id": "$id"}, "doc": {"$first": "$$ROOT"}}},
                 {"$replaceRoot": {"newRoot": "$doc"}},
-                {"$sort": {"t": -1, "_id": -1}},
+                {"$match": {"d": False}},
+                {"$unionWith": {"coll": HISTORY, "pipeline": [{"$match": {**query, "t": {"$gt": lo, "$lte": hi}}}]}},
             ]
+            if since:
+                pipeline.append({"$match": {"t": {"$gte": since}}})
+            total = None
+            if cursor is None:
+                counted = [d async for d in await hist.aggregate([*pipeline, {"$count": "n"}])]
+                total = counted[0]["n"] if counted else 0
+            if after:
+                pipeline.append({"$match": after})
+            pipeline += [{"$sort": {"t": -1, "_id": -1}}, {"$limit": count + 1}]
             docs = [d async for d in await hist.aggregate(pipeline)]
-            return HistoryPage([_stored_history(d) for d in docs[:count]], len(docs), None)
-        total = await hist.count_documents(query) if cursor is None else None
-        if cursor:
-            t, key = _decode_cursor(cursor)
-            query = {"$and": [query, {"$or": [{"t": {"$lt": t}}, {"t": t, "_id": {"$lt": key}}]}]}
-        docs = [d async for d in hist.find(query).sort([("t", -1), ("_id", -1)]).limit(count + 1)]
+        else:
+            if since:
+                query["t"] = {"$gte": since}
+            total = await hist.count_documents(query) if cursor is None else None
+            if after:
+                query = {"$and": [query, after]}
+            docs = [d async for d in hist.find(query).sort([("t", -1), ("_id", -1)]).limit(count + 1)]
         next_cursor = None
         if len(docs) > count:
             docs = docs[:count]
@@ -212,8 +222,15 @@ class MongoStore:
                 except (Conflict, DuplicateKeyError) as e:
                     await _abort(session)
                     last: Exception = e
-                except (OperationFailure, BulkWriteError) as e:
+                except DocumentTooLarge as e:
                     await _abort(session)
+                    raise TooLarge(str(e)) from None
+                except PyMongoError as e:
+                    # Write conflicts, and anything the driver labels safe to retry as a whole
+                    # (TransientTransactionError: a lost connection, a primary stepping down).
+                    await _abort(session)
+                    if _too_large(e):
+                        raise TooLarge(str(e)) from None
                     if not _is_conflict(e):
                         raise
                     last = e
@@ -225,12 +242,13 @@ class MongoStore:
         raise Conflict(f"gave up after {_MAX_ATTEMPTS} conflicting attempts: {last}")
 
     async def _commit(self, session: AsyncClientSession) -> None:
-        for _ in range(5):
+        for attempt in range(5):
             try:
                 await session.commit_transaction()
                 return
             except PyMongoError as e:
-                if e.has_error_label("UnknownTransactionCommitResult"):
+                # Retrying a commit is safe (it is idempotent); giving up must not pass for success.
+                if e.has_error_label("UnknownTransactionCommitResult") and attempt < 4:
                     continue
                 raise
 
@@ -248,6 +266,12 @@ def _is_conflict(e: PyMongoError) -> bool:
         errs = e.details.get("writeErrors", [])
         return bool(errs) and all(err.get("code") == 11000 for err in errs)
     return getattr(e, "code", None) in (112, 11000, 251)  # WriteConflict, DuplicateKey, NoSuchTransaction
+
+
+def _too_large(e: PyMongoError) -> bool:
+    if isinstance(e, BulkWriteError):
+        return any(err.get("code") in _TOO_LARGE_CODES for err in e.details.get("writeErrors", []))
+    return getattr(e, "code", None) in _TOO_LARGE_CODES
 
 
 async def _abort(session: AsyncClientSession) -> None:
@@ -271,26 +295,28 @@ class MongoUnit:
 
     async def current(self, type_: str, id_: str) -> Stored | None:
         await self.flush()
-        if type_ not in self._store._types:
-            return None
         doc = await self._db[type_].find_one({"_id": id_}, _CURRENT_FIELDS, session=self._session)
         return _stored(type_, doc) if doc else None
 
-    async def find(self, type_: str, query: dict[str, Any], limit: int) -> list[Stored]:
+    async def find(
+        self, type_: str, query: dict[str, Any], limit: int, *, sort: Sequence[tuple[str, int]] = (), skip: int = 0
+    ) -> list[Stored]:
         await self.flush()
-        return await self._store.find(type_, query, limit=limit, session=self._session)
+        return await self._store.find(type_, query, sort=sort, limit=limit, skip=skip, session=self._session)
+
+    async def count(self, type_: str, query: dict[str, Any]) -> int:
+        await self.flush()
+        return await self._store.count(type_, query, session=self._session)
 
     async def exists(self, type_: str, id_: str) -> bool:
         await self.flush()
-        if type_ not in self._store._types:
-            return False
         doc = await self._db[type_].find_one({"_id": id_, "d": False}, {"_id": 1}, session=self._session)
         return doc is not None
 
     async def existing_ids(self, type_: str, ids: set[str]) -> set[str]:
         """Those of ``ids`` that are live resources of ``type_``."""
         await self.flush()
-        if type_ not in self._store._types or not ids:
+        if not ids:
             return set()
         cursor = self._db[type_].find({"_id": {"$in": list(ids)}, "d": False}, {"_id": 1}, session=self._session)
         return {doc["_id"] async for doc in cursor}
@@ -298,7 +324,9 @@ class MongoUnit:
     async def referenced_by(self, target: str, excluding: set[str]) -> str | None:
         """Some live resource (not in ``excluding``) whose references include ``target``."""
         await self.flush()
-        for type_ in sorted(self._store._types):
+        # Ask the database which type collections exist: another worker may have made new ones.
+        types = [n for n in await self._db.list_collection_names() if n[:1].isupper()]
+        for type_ in sorted(types):
             async for doc in self._db[type_].find({"s._refs": target}, {"_id": 1}, session=self._session).limit(5):
                 key = f"{type_}/{doc['_id']}"
                 if key not in excluding:

@@ -95,7 +95,9 @@ def _initiate_replica_set(port: int, timeout: float) -> None:
         while True:
             try:
                 status = client.admin.command("replSetGetStatus")
-                if status.get("myState") == 1:
+                # PRIMARY state comes a moment before the node takes writes (it drains its
+                # oplog first); until then writes fail with NotWritablePrimary.
+                if status.get("myState") == 1 and client.admin.command("hello").get("isWritablePrimary"):
                     return
             except OperationFailure as e:
                 if e.code == 94:  # NotYetInitialized
