@@ -13,7 +13,7 @@ import orjson
 from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.interactions.context import FhirResponse, Tx
 from fhir_server.outcome import FhirError, bad_request
-from fhir_server.search.extract import index_resource, local_reference
+from fhir_server.search.extract import index_resource
 from fhir_server.storage.base import Stored, Write
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -96,23 +96,6 @@ def _next_time(previous: Stored | None) -> datetime:
     return now
 
 
-def _self_references(node: Any, base: str, out: set[str]) -> None:
-    """``Type/id`` of every absolute reference to this server (``base`` + "/Type/id") in ``node``."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "reference":
-                if isinstance(v, str) and v.startswith(base):
-                    local = local_reference(v[len(base) :])
-                    if local:
-                        out.add(local)
-            elif isinstance(v, (dict, list)):
-                _self_references(v, base, out)
-    elif isinstance(node, list):
-        for v in node:
-            if isinstance(v, (dict, list)):
-                _self_references(v, base, out)
-
-
 async def store_resource(
     tx: Tx, resource: dict[str, Any], id_: str, current: Stored | None, method: str, *, base_url: str = ""
 ) -> tuple[Stored, dict[str, Any]]:
@@ -127,12 +110,7 @@ async def store_resource(
     for hook in tx.server.pre_store:
         await hook(tx, final, current)
     raw = orjson.dumps(final)
-    index = index_resource(final)
-    if base_url:
-        refs: set[str] = set()
-        _self_references(final, base_url + "/", refs)
-        if refs:
-            index["_refs"] = sorted(refs.union(index.get("_refs", ())))
+    index = index_resource(final, raw, base_url)
     tx.references.update(index.get("_refs", ()))
     tx.write(
         Write(

@@ -14,7 +14,9 @@ from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Any, Callable
 
-from fhir_server.search.parameters import SPECIAL, SearchParam, params_for
+import orjson
+
+from fhir_server.search.parameters import SPECIAL, params_for
 
 Extractor = Callable[[dict[str, Any]], list[Any]]
 
@@ -296,6 +298,7 @@ _DATE_RE = re.compile(
 )
 
 
+@lru_cache(maxsize=8192)
 def date_range(text: str) -> tuple[datetime, datetime] | None:
     """The instant range [low, high] (inclusive, millisecond) that a FHIR date/dateTime/instant covers."""
     m = _DATE_RE.match(text)
@@ -377,33 +380,75 @@ _ENCODERS: dict[str, Callable[[Any, list[Any]], None]] = {
 
 
 @lru_cache(maxsize=None)
-def _plan(resource_type: str) -> tuple[tuple[str, str, Extractor], ...]:
+def _plan(resource_type: str) -> tuple[tuple[str, str, Extractor, tuple[str, ...]], ...]:
     plan = []
     for code, sp in params_for(resource_type).items():
         if code in SPECIAL or sp.type not in _ENCODERS or not sp.expression:
             continue
-        plan.append((code, sp.type, compile_expression(sp.expression, resource_type)))
+        roots = _root_elements(sp.expression, resource_type)
+        plan.append((code, sp.type, compile_expression(sp.expression, resource_type), roots))
     return tuple(plan)
 
 
-def _collect_references(node: Any, out: set[str]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                local = local_reference(value)
-                if local and "://" not in value:
-                    out.add(local)
-            elif isinstance(value, (dict, list)):
-                _collect_references(value, out)
-    elif isinstance(node, list):
-        for item in node:
-            _collect_references(item, out)
+def _root_elements(expression: str, resource_type: str) -> tuple[str, ...]:
+    """Top-level element names an expression reads (choice names as prefixes); () means "any"."""
+    names: list[str] = []
+    for part in _split_top(expression, "|"):
+        part = _strip_parens(_split_top(_strip_parens(part), " as ")[0])
+        steps = _split_top(part, ".")
+        if steps[0] not in (resource_type, "Resource", "DomainResource"):
+            continue
+        if len(steps) < 2:
+            return ()
+        name = steps[1].split("(", 1)[0].split("[", 1)[0]
+        if not _NAME.match(name):
+            return ()
+        names.append(name)
+    return tuple(dict.fromkeys(names))
 
 
-def index_resource(resource: dict[str, Any]) -> dict[str, Any]:
-    """The ``s`` document stored beside a resource: search values by parameter code, plus ``_refs``."""
+def _present(resource: dict[str, Any], roots: tuple[str, ...]) -> bool:
+    if not roots:
+        return True
+    for name in roots:
+        if name in resource:
+            return True
+        if name in _choice_names():
+            for key in resource:
+                if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
+                    return True
+    return False
+
+
+# Serialised resources hold `"reference":"..."`; FHIR strings cannot contain an unescaped quote,
+# so one regex over the bytes finds every reference without walking the tree again.
+REFERENCE_BYTES = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+
+
+def local_references(raw: bytes, base_url: str = "") -> set[str]:
+    """``Type/id`` of every reference in ``raw`` to a resource on this server (relative, or
+    absolute under ``base_url``): what referential integrity checks."""
+    base = base_url.rstrip("/") + "/" if base_url else ""
+    out: set[str] = set()
+    for match in REFERENCE_BYTES.finditer(raw):
+        ref = match.group(1).decode("utf-8", "replace")
+        if "://" in ref:
+            if not base or not ref.startswith(base):
+                continue
+            ref = ref[len(base) :]
+        local = local_reference(ref)
+        if local:
+            out.add(local)
+    return out
+
+
+def index_resource(resource: dict[str, Any], raw: bytes | None = None, base_url: str = "") -> dict[str, Any]:
+    """The ``s`` document stored beside a resource: search values by parameter code, plus ``_refs``
+    (the local references, for referential integrity). ``raw`` is the resource serialised."""
     index: dict[str, Any] = {}
-    for code, kind, extract in _plan(resource["resourceType"]):
+    for code, kind, extract, roots in _plan(resource["resourceType"]):
+        if not _present(resource, roots):
+            continue
         nodes = extract(resource)
         if not nodes:
             continue
@@ -419,10 +464,7 @@ def index_resource(resource: dict[str, Any]) -> dict[str, Any]:
             index[code] = list(dict.fromkeys(values))
         else:
             index[code] = values
-    refs: set[str] = set()
-    _collect_references(resource, refs)
+    refs = local_references(raw if raw is not None else orjson.dumps(resource), base_url)
     if refs:
         index["_refs"] = sorted(refs)
     return index
-
-
