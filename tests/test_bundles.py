@@ -526,3 +526,95 @@ async def test_large_transaction_with_references(client: httpx.AsyncClient) -> N
         oid = _id_from_location(out[i + 1]["response"]["location"])
         if i % 40 == 0:
             assert (await client.get(f"/Observation/{oid}")).json()["subject"]["reference"] == f"Patient/{pid}"
+
+
+async def test_document_bundle_inside_a_transaction(client: httpx.AsyncClient) -> None:
+    """A document (Bundle type=document) stored through a transaction keeps its own urn:uuid
+    references: they resolve within the document, not against the transaction."""
+    ident = _uid()
+    p_urn, c_urn = _urn(), _urn()
+    document = {
+        "resourceType": "Bundle",
+        "identifier": {"system": SYSTEM, "value": ident},
+        "type": "document",
+        "timestamp": "2024-01-01T00:00:00Z",
+        "entry": [
+            {
+                "fullUrl": c_urn,
+                "resource": {
+                    "resourceType": "Composition",
+                    "status": "final",
+                    "type": {"text": "note"},
+                    "subject": {"reference": p_urn},
+                    "date": "2024-01-01",
+                    "author": [{"reference": p_urn}],
+                    "title": "Note",
+                },
+            },
+            {"fullUrl": p_urn, "resource": _patient(_uid())},
+        ],
+    }
+    r = await client.post("", json=_transaction(_post(document, _urn())))
+    assert r.status_code == 200, r.text
+    bid = _id_from_location(r.json()["entry"][0]["response"]["location"])
+    stored = (await client.get(f"/Bundle/{bid}")).json()
+    assert stored["entry"][0]["resource"]["subject"] == {"reference": p_urn}
+
+
+async def test_conditional_update_entry_without_match_creates(client: httpx.AsyncClient) -> None:
+    ident = _uid()
+    p_urn = _urn()
+    bundle = _transaction(
+        {"fullUrl": p_urn, "resource": _patient(ident), "request": {"method": "PUT", "url": f"Patient?identifier={SYSTEM}|{ident}"}},
+        _post(_observation(_uid(), p_urn)),
+    )
+    r = await client.post("", json=bundle)
+    assert r.status_code == 200, r.text
+    put, post = (e["response"] for e in r.json()["entry"])
+    assert put["status"].startswith("201")
+    pid = _id_from_location(put["location"])
+    assert await _search_total(client, "Patient", ident) == 1
+    obs = (await client.get(f"/Observation/{_id_from_location(post['location'])}")).json()
+    assert obs["subject"]["reference"] == f"Patient/{pid}"
+
+
+async def test_if_none_exist_several_matches_fails_everything(client: httpx.AsyncClient) -> None:
+    ident = _uid()
+    for _ in range(2):
+        assert (await client.post("/Patient", json=_patient(ident))).status_code == 201
+    other = _uid()
+    bundle = _transaction(
+        _post(_patient(other), _urn()),
+        _post(_patient(ident), _urn(), ifNoneExist=f"identifier={SYSTEM}|{ident}"),
+    )
+    r = await client.post("", json=bundle)
+    assert r.status_code == 412
+    assert r.json()["resourceType"] == "OperationOutcome"
+    assert await _search_total(client, "Patient", other) == 0
+    assert await _search_total(client, "Patient", ident) == 2
+
+
+async def test_duplicate_full_url_is_refused(client: httpx.AsyncClient) -> None:
+    """bdl-7: fullUrl is unique within a bundle; two entries claiming one urn:uuid make every
+    reference to it ambiguous."""
+    p_urn = _urn()
+    a, b, o = _uid(), _uid(), _uid()
+    bundle = _transaction(_post(_patient(a), p_urn), _post(_patient(b), p_urn), _post(_observation(o, p_urn)))
+    r = await client.post("", json=bundle)
+    assert r.status_code == 400
+    assert r.json()["resourceType"] == "OperationOutcome"
+    for ident in (a, b):
+        assert await _search_total(client, "Patient", ident) == 0
+    assert await _search_total(client, "Observation", o) == 0
+
+
+async def test_entry_without_request_is_refused(client: httpx.AsyncClient) -> None:
+    ident = _uid()
+    r = await client.post("", json=_transaction(_post(_patient(_uid())), {"resource": _patient(ident)}))
+    assert r.status_code == 400
+    assert r.json()["resourceType"] == "OperationOutcome"
+    assert await _search_total(client, "Patient", ident) == 0
+    # In a batch only that entry fails.
+    r = await client.post("", json=_transaction(_post(_patient(ident)), {"resource": _patient(_uid())}, kind="batch"))
+    assert r.status_code == 200
+    assert [e["response"]["status"][:3] for e in r.json()["entry"]] == ["201", "400"]

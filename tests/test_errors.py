@@ -218,6 +218,8 @@ async def test_unknown_route_is_404(client: httpx.AsyncClient) -> None:
 async def test_wrong_method_is_405(client: httpx.AsyncClient) -> None:
     assert_outcome(await client.post("/Patient/123", json=_patient()), 405)
     assert_outcome(await client.delete("/Patient/123/_history"), 405)
+    assert_outcome(await client.delete("/metadata"), 405)
+    assert_outcome(await client.put("", json=_patient()), 405)
     assert_outcome(await client.post("/Patient/123/_history/1", json=_patient()), 405)
     assert_outcome(await client.put("/Patient/123/_history/1", json=_patient()), 405)
 

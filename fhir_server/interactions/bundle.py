@@ -196,8 +196,9 @@ def _conditional_refs(resource: Any, out: set[str]) -> None:
 
 def _check_placeholders(e: _Entry, mapping: dict[str, str], kind: str) -> None:
     """A urn:uuid/urn:oid reference must name another entry of the transaction; in a batch, where
-    entries must not depend on each other (http.html#brules), none can be resolved."""
-    if e.resource is None:
+    entries must not depend on each other (http.html#brules), none can be resolved. A Bundle
+    stored as a resource (a document) is left alone: its references resolve within itself."""
+    if not isinstance(e.resource, dict) or e.resource.get("resourceType") == "Bundle":
         return
     found = {r for r in _references(e.resource) if r.startswith(("urn:uuid:", "urn:oid:"))}
     unresolved = sorted(found - mapping.keys())
@@ -421,9 +422,19 @@ async def process(server: Server, req: FhirRequest) -> FhirResponse:
     if kind == "batch":
         return FhirResponse(200, resource=await _batch(server, raw_entries, req.base_url, representation))
     entries = [_entry_from(raw, i, req.base_url) for i, raw in enumerate(raw_entries)]
+    full_urls: dict[str, int] = {}
     for e in entries:
         if e.type is None and e.method != "GET":
             raise bad_request(f"Bundle.entry[{e.index}]: {e.method} needs a resource type", expression=[f"Bundle.entry[{e.index}].request.url"])
+        if e.full_url:
+            # bdl-7: a fullUrl names one entry, or references to it would be ambiguous.
+            if e.full_url in full_urls:
+                raise bad_request(
+                    f"Bundle.entry[{e.index}].fullUrl '{e.full_url[:100]}' is also Bundle.entry[{full_urls[e.full_url]}]'s; "
+                    "fullUrl must be unique in a bundle",
+                    expression=[f"Bundle.entry[{e.index}].fullUrl"],
+                )
+            full_urls[e.full_url] = e.index
     return FhirResponse(200, resource=await _transaction(server, entries, req.base_url, representation))
 
 
