@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 import httpx
-import pytest
 
 SYSTEM = "urn:test:crud"
 FHIR_JSON = "application/fhir+json"

@@ -25,14 +25,21 @@ def parse_criteria(criteria: str) -> list[tuple[str, str]]:
     return pairs
 
 
-async def find_matches(tx: Tx, type_: str, criteria: list[tuple[str, str]], *, limit: int) -> list[Stored]:
-    """Current resources of ``type_`` matching ``criteria`` (at most ``limit``), under a lock."""
+async def find_matches(
+    tx: Tx, type_: str, criteria: list[tuple[str, str]], *, limit: int, lock: bool = True
+) -> list[Stored]:
+    """Current resources of ``type_`` matching ``criteria`` (at most ``limit``).
+
+    With ``lock`` (conditional create, update, delete: the caller writes depending on the answer)
+    concurrent units asking the same question are serialised. A conditional reference only reads,
+    and must not make every bundle that cites one practitioner conflict with all the others."""
     selecting = [(k, v) for k, v in criteria if k.partition(":")[0] not in RESULT_PARAMS]
     if not selecting:
         raise bad_request("Conditional criteria must contain at least one search parameter", code="invalid")
     compiled = compile_search(type_, selecting, default_count=limit, max_count=limit, base_url="")
     key = type_ + "?" + "&".join(f"{k}={v}" for k, v in sorted(selecting))
-    await tx.unit.lock("cond:" + hashlib.sha256(key.encode()).hexdigest())
+    if lock:
+        await tx.unit.lock("cond:" + hashlib.sha256(key.encode()).hexdigest())
     return await tx.unit.find(type_, compiled.filter, limit)
 
 

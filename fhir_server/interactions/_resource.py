@@ -26,8 +26,8 @@ def new_id() -> str:
 
 
 def instant(dt: datetime) -> str:
-    dt = dt.astimezone(timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """A FHIR instant in UTC with milliseconds (``2026-11-22T06:50:00.123Z``)."""
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def http_date(dt: datetime) -> str:

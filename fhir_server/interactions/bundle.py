@@ -51,6 +51,13 @@ class _Entry:
     # Decided before processing: the id a POST/PUT will get, or the existing resource it matched.
     target_id: str | None = None
     matched_existing: bool = False
+    _references: list[str] | None = None
+
+    def references(self) -> list[str]:
+        """Every ``reference`` string inside this entry's resource (found once, then kept)."""
+        if self._references is None:
+            self._references = _references(self.resource) if self.resource is not None else []
+        return self._references
 
 
 def _entry_from(raw: Any, index: int, base_url: str) -> _Entry:
@@ -189,9 +196,9 @@ def _references(resource: Any) -> list[str]:
     return [m.group(1).decode("utf-8", "replace") for m in _REFERENCE_BYTES.finditer(orjson.dumps(resource))]
 
 
-def _conditional_refs(resource: Any, out: set[str]) -> None:
-    """Conditional references (``Type?criteria``) anywhere in ``resource``."""
-    out.update(r for r in _references(resource) if "?" in r and not r.startswith(("http", "urn:", "#")))
+def _conditional_refs(e: _Entry, out: set[str]) -> None:
+    """Conditional references (``Type?criteria``) anywhere in the entry's resource."""
+    out.update(r for r in e.references() if "?" in r and not r.startswith(("http", "urn:", "#")))
 
 
 def _check_placeholders(e: _Entry, mapping: dict[str, str], kind: str) -> None:
@@ -200,7 +207,7 @@ def _check_placeholders(e: _Entry, mapping: dict[str, str], kind: str) -> None:
     stored as a resource (a document) is left alone: its references resolve within itself."""
     if not isinstance(e.resource, dict) or e.resource.get("resourceType") == "Bundle":
         return
-    found = {r for r in _references(e.resource) if r.startswith(("urn:uuid:", "urn:oid:"))}
+    found = {r for r in e.references() if r.startswith(("urn:uuid:", "urn:oid:"))}
     unresolved = sorted(found - mapping.keys())
     if unresolved:
         raise bad_request(
@@ -248,12 +255,12 @@ async def _resolve_conditional_refs(tx: Tx, entries: list[_Entry], mapping: dict
     wanted: set[str] = set()
     for e in entries:
         if e.resource is not None:
-            _conditional_refs(e.resource, wanted)
+            _conditional_refs(e, wanted)
     for ref in sorted(wanted):
         type_, _, criteria = ref.partition("?")
         if type_ not in RESOURCE_TYPES:
             raise bad_request(f"Conditional reference '{ref[:200]}' names an unknown resource type")
-        found = await find_matches(tx, type_, parse_criteria(criteria), limit=2)
+        found = await find_matches(tx, type_, parse_criteria(criteria), limit=2, lock=False)
         if not found:
             raise FhirError.of(404, "not-found", f"Conditional reference '{ref[:200]}' matches no resource")
         if len(found) > 1:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fhir_server.interactions._conditional import find_matches, parse_criteria, too_many
+from fhir_server.interactions._conditional import find_matches, too_many
 from fhir_server.interactions._resource import (
     check_id,
     check_type,

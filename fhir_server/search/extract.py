@@ -407,17 +407,41 @@ def _root_elements(expression: str, resource_type: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _present(resource: dict[str, Any], roots: tuple[str, ...]) -> bool:
-    if not roots:
-        return True
-    for name in roots:
-        if name in resource:
-            return True
-        if name in _choice_names():
-            for key in resource:
-                if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
-                    return True
-    return False
+@lru_cache(maxsize=None)
+def _dispatch(resource_type: str) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...], frozenset[str]]:
+    """For each top-level element name, the plan entries that read it; entries that read from
+    the root itself; and the choice base names among the roots."""
+    by_key: dict[str, list[int]] = {}
+    always: list[int] = []
+    for i, (_, _, _, roots) in enumerate(_plan(resource_type)):
+        if not roots:
+            always.append(i)
+        for name in roots:
+            by_key.setdefault(name, []).append(i)
+    choices = frozenset(n for n in by_key if n in _choice_names())
+    return {k: tuple(v) for k, v in by_key.items()}, tuple(always), choices
+
+
+@lru_cache(maxsize=4096)
+def _choice_base(key: str, choices: frozenset[str]) -> str | None:
+    """``value`` for ``valueQuantity`` when ``value`` is a choice element of this type."""
+    for i in range(len(key) - 1, 0, -1):
+        if key[i].isupper() and key[:i] in choices:
+            return key[:i]
+    return None
+
+
+def _entries_for(resource: dict[str, Any]) -> list[int]:
+    by_key, always, choices = _dispatch(resource["resourceType"])
+    wanted: dict[int, None] = dict.fromkeys(always)
+    for key in resource:
+        hit = by_key.get(key)
+        if hit is None and choices:
+            base = _choice_base(key, choices)
+            hit = by_key.get(base) if base else None
+        if hit:
+            wanted.update(dict.fromkeys(hit))
+    return sorted(wanted)
 
 
 # Serialised resources hold `"reference":"..."`; FHIR strings cannot contain an unescaped quote,
@@ -446,9 +470,9 @@ def index_resource(resource: dict[str, Any], raw: bytes | None = None, base_url:
     """The ``s`` document stored beside a resource: search values by parameter code, plus ``_refs``
     (the local references, for referential integrity). ``raw`` is the resource serialised."""
     index: dict[str, Any] = {}
-    for code, kind, extract, roots in _plan(resource["resourceType"]):
-        if not _present(resource, roots):
-            continue
+    plan = _plan(resource["resourceType"])
+    for i in _entries_for(resource):
+        code, kind, extract, _ = plan[i]
         nodes = extract(resource)
         if not nodes:
             continue
