@@ -18,6 +18,7 @@ from fhir_server.http.routes import install_routes
 from fhir_server.interactions.context import Server, storage_error
 from fhir_server.outcome import FhirError
 from fhir_server.storage.base import Conflict, TooLarge
+from fhir_server.search.indexes import search_indexes
 from fhir_server.storage.mongo import MongoStore
 
 log = logging.getLogger("fhir_server")
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client: AsyncMongoClient = AsyncMongoClient(settings.mongodb_uri, tz_aware=True, maxPoolSize=200)
-        store = MongoStore(client, settings.database)
+        store = MongoStore(client, settings.database, indexes_for=search_indexes)
         await store.open()
         app.state.server = build_server(settings, store)
         try:

@@ -390,6 +390,11 @@ def _plan(resource_type: str) -> tuple[tuple[str, str, Extractor, tuple[str, ...
     return tuple(plan)
 
 
+def indexed_parameters(resource_type: str) -> list[tuple[str, str]]:
+    """(code, type) of the parameters whose values :func:`index_resource` stores for this type."""
+    return [(code, kind) for code, kind, _, _ in _plan(resource_type)]
+
+
 def _root_elements(expression: str, resource_type: str) -> tuple[str, ...]:
     """Top-level element names an expression reads (choice names as prefixes); () means "any"."""
     names: list[str] = []

@@ -174,7 +174,8 @@ def _one_value(sp: SearchParam, name: str, modifier: str | None, value: str, bas
         if modifier is None:
             return {key + ".n": {"$regex": "^" + re.escape(norm)}}
         if modifier == "exact":
-            return {key + ".x": value}
+            # The normalised form is what the index holds; the exact one is checked beside it.
+            return {key: {"$elemMatch": {"n": norm, "x": value}}}
         if modifier == "contains":
             return {key + ".n": {"$regex": re.escape(norm)}}
         raise _unsupported_modifier(name, modifier)

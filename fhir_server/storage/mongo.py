@@ -4,7 +4,7 @@ Layout: one collection per resource type holding the *current* version of each r
 (``_id`` = logical id, ``v`` version, ``t`` lastUpdated, ``d`` deleted, ``r`` the JSON bytes,
 ``s`` the search index values), and one ``_history`` collection holding every version. Storing the
 JSON as bytes lets a read return them without decoding; search works on ``s`` only, through one
-wildcard index per type collection.
+sparse index per search parameter (see fhir_server/search/indexes.py).
 
 Every write runs in a multi-document transaction with majority, journaled write concern, so a
 write is acknowledged only once durable, and a unit of work is all-or-nothing.
@@ -18,7 +18,7 @@ import random
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from pymongo import AsyncMongoClient, InsertOne, ReplaceOne
+from pymongo import AsyncMongoClient, IndexModel, InsertOne, ReplaceOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, CollectionInvalid, DocumentTooLarge, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
@@ -67,8 +67,15 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 class MongoStore:
     """The :class:`fhir_server.storage.base.Store` on a MongoDB replica set or sharded cluster."""
 
-    def __init__(self, client: AsyncMongoClient, database: str) -> None:
+    def __init__(
+        self,
+        client: AsyncMongoClient,
+        database: str,
+        indexes_for: Callable[[str], Sequence[tuple[str, Sequence[tuple[str, int]]]]] = lambda _: (),
+    ) -> None:
+        """``indexes_for(type)`` names the (sparse) search indexes a type collection needs."""
         self._client = client
+        self._indexes_for = indexes_for
         self._db = client.get_database(database, write_concern=_DURABLE)
         self._types: set[str] = set()
         self._types_lock = asyncio.Lock()
@@ -106,9 +113,9 @@ class MongoStore:
         async with self._types_lock:
             for type_ in sorted(missing - self._types):
                 await self._create(type_)
-                coll = self._db[type_]
-                await coll.create_index([("s.$**", 1)], name="search")
-                await coll.create_index([("t", 1), ("_id", 1)], name="lastUpdated")
+                models = [IndexModel([("t", 1), ("_id", 1)], name="lastUpdated")]
+                models += [IndexModel(list(keys), name=name, sparse=True) for name, keys in self._indexes_for(type_)]
+                await self._db[type_].create_indexes(models)
                 self._types.add(type_)
 
     def known_types(self) -> set[str]:
