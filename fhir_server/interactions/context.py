@@ -11,8 +11,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 from fhir_server.config import Settings
 from fhir_server.outcome import FhirError
-from fhir_server.storage.base import Conflict, Stored, TooLarge, Write
-from fhir_server.storage.mongo import MongoStore, MongoUnit
+from fhir_server.storage.base import Conflict, Store, Stored, TooLarge, UnitOfWork, Write
 
 T = TypeVar("T")
 
@@ -68,7 +67,7 @@ class Server:
     """The wiring: settings, storage, and the interceptors that wrap every write."""
 
     settings: Settings
-    store: MongoStore
+    store: Store
     # Called with each resource about to be stored (validation, profile checks, ...).
     pre_store: list[PreStore] = field(default_factory=list)
     # Called once per unit of work before it commits (referential integrity, ...).
@@ -79,7 +78,7 @@ class Server:
         if types:
             await self.store.ensure_types(set(types))
 
-        async def unit_work(unit: MongoUnit) -> T:
+        async def unit_work(unit: UnitOfWork) -> T:
             tx = Tx(self, unit)
             result = await work(tx)
             for hook in self.on_commit:
@@ -94,7 +93,7 @@ class Tx:
     """One unit of work as the interactions see it."""
 
     server: Server
-    unit: MongoUnit
+    unit: UnitOfWork
     # Local references ("Type/id") that written resources point to.
     references: set[str] = field(default_factory=set)
     # Resources deleted in this unit.

@@ -17,7 +17,7 @@ from fhir_server.interactions._resource import check_type
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx
 from fhir_server.outcome import FhirError, operation_outcome
 from fhir_server.search.query import compile_search
-from fhir_server.storage.mongo import MongoStore, MongoUnit
+from fhir_server.storage.base import Store, UnitOfWork
 
 
 def _lenient(req: FhirRequest) -> bool:
@@ -33,7 +33,7 @@ async def search_in(tx: Tx, req: FhirRequest) -> FhirResponse:
     return await _search(tx.settings, tx.unit, req)
 
 
-async def _search(settings: Settings, store: MongoStore | MongoUnit, req: FhirRequest) -> FhirResponse:
+async def _search(settings: Settings, store: Store | UnitOfWork, req: FhirRequest) -> FhirResponse:
     if req.type is None:
         types = [v for k, v in req.query if k == "_type"]
         if len(types) == 1 and "," not in types[0]:

@@ -339,9 +339,9 @@ def _date_values(node: Any, out: list[dict[str, datetime]]) -> None:
             out.append({"lo": r[0], "hi": r[1]})
     elif isinstance(node, dict):
         if "start" in node or "end" in node:  # Period
-            lo = date_range(node["start"])[0] if isinstance(node.get("start"), str) and date_range(node["start"]) else _MIN
-            hi = date_range(node["end"])[1] if isinstance(node.get("end"), str) and date_range(node["end"]) else _MAX
-            out.append({"lo": lo, "hi": hi})
+            start = date_range(node["start"]) if isinstance(node.get("start"), str) else None
+            end = date_range(node["end"]) if isinstance(node.get("end"), str) else None
+            out.append({"lo": start[0] if start else _MIN, "hi": end[1] if end else _MAX})
         elif isinstance(node.get("event"), list):  # Timing
             for e in node["event"]:
                 _date_values(e, out)
