@@ -12,12 +12,10 @@ import pytest
 
 from fhir_server.http.app import create_app
 from tests.conftest import make_settings
+from tests.helpers import uid as _uid
 
 SYSTEM = "urn:test:bundles"
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _urn() -> str:

@@ -13,12 +13,10 @@ import pytest
 from fhir_server.http.app import create_app
 from fhir_server.storage import mongo as mongo_storage
 from tests.conftest import make_settings
+from tests.helpers import uid as _uid
 
 SYSTEM = "urn:test:concurrency"
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _patient(ident: str, family: str = "Zhou") -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any, AsyncIterator
@@ -12,12 +11,10 @@ import pytest
 
 from fhir_server.http.app import create_app
 from tests.conftest import make_settings
+from tests.helpers import uid as _uid
 
 SYSTEM = "urn:test:conditional"
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _patient(ident: str, family: str = "Sun") -> dict[str, Any]:

@@ -4,19 +4,17 @@ _elements (http.html#mime-type, #parameters; search.html#summary, #elements)."""
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.helpers import uid as _uid
+
 SYSTEM = "urn:test:content"
 FHIR_JSON = "application/fhir+json"
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _full_patient(ident: str) -> dict[str, Any]:

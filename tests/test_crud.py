@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from typing import Any
 
 import httpx
 
+from tests.helpers import uid as _uid
+
 SYSTEM = "urn:test:crud"
 FHIR_JSON = "application/fhir+json"
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _patient(ident: str, family: str = "Zhang") -> dict[str, Any]:

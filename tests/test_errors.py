@@ -4,7 +4,6 @@ bad bodies, bad URLs, limits, hostile input, referential integrity."""
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, AsyncIterator
 
 import httpx
@@ -12,13 +11,11 @@ import pytest
 
 from fhir_server.http.app import create_app
 from tests.conftest import make_settings
+from tests.helpers import uid as _uid
 
 SYSTEM = "urn:test:errors"
 FHIR_JSON = "application/fhir+json"
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _patient(ident: str | None = None) -> dict[str, Any]:

@@ -7,7 +7,6 @@ are exactly what these tests wrote.
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, AsyncIterator
 
@@ -16,12 +15,10 @@ import pytest
 
 from fhir_server.http.app import create_app
 from tests.conftest import make_settings
+from tests.helpers import uid as _uid
 
 SYSTEM = "urn:test:history"
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _patient(family: str) -> dict[str, Any]:

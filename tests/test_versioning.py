@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
+from tests.helpers import uid as _uid
+
 SYSTEM = "urn:test:versioning"
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 
-
-def _uid() -> str:
-    return uuid.uuid4().hex
 
 
 def _patient(family: str = "Zhao") -> dict[str, Any]:
