@@ -25,7 +25,6 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_bundle_entries: int = 10_000
     max_json_depth: int = 64
-    max_string_bytes: int = 1024 * 1024
 
     validate_on_write: bool = True
     referential_integrity: bool = True
@@ -52,12 +51,18 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     path = config_file or os.environ.get("FHIR_SERVER_CONFIG")
     values: dict[str, Any] = {}
     if path:
-        values.update(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+        try:
+            values.update(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"cannot read settings file {path}: {e}") from None
     kinds = {f.name: (int if f.type in ("int",) else bool if f.type == "bool" else str) for f in fields(Settings)}
     for name, kind in kinds.items():
         env = os.environ.get("FHIR_" + name.upper())
         if env is not None:
-            values[name] = _coerce(env, kind)
+            try:
+                values[name] = _coerce(env, kind)
+            except ValueError:
+                raise ValueError(f"FHIR_{name.upper()}={env!r} is not a valid {kind.__name__}") from None
     if os.environ.get("MONGODB_URI"):
         values["mongodb_uri"] = os.environ["MONGODB_URI"]
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from fhir_server.cli.loader import load_command
+from fhir_server.config import load_settings
 from fhir_server.storage import mongod as embedded
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -42,6 +43,10 @@ def _serve(host: str, port: int, workers: int, config: str | None) -> None:
 
     if config:
         os.environ["FHIR_SERVER_CONFIG"] = config
+    try:
+        load_settings()  # the workers load them again; a mistake is better said once, here
+    except ValueError as e:
+        raise click.ClickException(f"settings: {e}") from None
     if not _port_free(host, port):
         raise click.ClickException(f"port {port} on {host} is already in use (is the server already running?)")
     click.echo(f"FHIR R4 server on http://{host}:{port}/fhir  (MongoDB: {os.environ['MONGODB_URI'].split('@')[-1]})")
@@ -83,7 +88,10 @@ def run(host: str, port: int, mongo_port: int, data_dir: str, workers: int, conf
     dbpath = Path(data_dir)
     if not os.environ.get("MONGODB_URI"):
         already = embedded.running_pid(dbpath) is not None
-        uri = embedded.start(mongo_port, dbpath)
+        try:
+            uri = embedded.start(mongo_port, dbpath)
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from None
         started = not already
         os.environ["MONGODB_URI"] = uri
         click.echo(f"embedded mongod {'reused' if already else 'started'}: {uri} (data in {dbpath})")
@@ -106,7 +114,10 @@ def mongod() -> None:
 @click.option("--dbpath", default=".data/mongod", show_default=True)
 def mongod_start(port: int, dbpath: str) -> None:
     """Start mongod (or reuse the one on DBPATH) and print its URI."""
-    click.echo(embedded.start(port, Path(dbpath)))
+    try:
+        click.echo(embedded.start(port, Path(dbpath)))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @mongod.command("stop", context_settings=_CONTEXT)

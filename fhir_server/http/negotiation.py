@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fhir_server.interactions._representation import shape, shape_raw
+from fhir_server.interactions._resource import prefer
 from fhir_server.interactions.context import FhirResponse
 from fhir_server.outcome import FhirError, bad_request
 
@@ -92,12 +93,12 @@ def render(request: Request, resp: FhirResponse) -> Response:
     media = FHIR_JSON + "; charset=utf-8"
     if resp.status == 304:
         return Response(status_code=304, headers=headers)
-    prefer = _prefer_return(request)
+    prefer_return = prefer(request.headers, "return")
     body: bytes | dict[str, Any] | None
-    if request.method in ("POST", "PUT", "PATCH") and resp.stored is not None and prefer is not None:
-        if prefer == "minimal":
+    if request.method in ("POST", "PUT", "PATCH") and resp.stored is not None and prefer_return is not None:
+        if prefer_return == "minimal":
             return Response(status_code=resp.status, headers=headers)
-        if prefer == "OperationOutcome":
+        if prefer_return == "OperationOutcome":
             outcome = resp.outcome or {
                 "resourceType": "OperationOutcome",
                 "issue": [{"severity": "information", "code": "informational", "diagnostics": f"{resp.status} {resp.stored.type}/{resp.stored.id} version {resp.stored.version}"}],
@@ -119,17 +120,6 @@ def render(request: Request, resp: FhirResponse) -> Response:
     if pretty:  # stored bytes and Fragments are emitted verbatim, so indent after re-parsing
         content = orjson.dumps(orjson.loads(content), option=orjson.OPT_INDENT_2)
     return Response(content, status_code=resp.status, headers=headers, media_type=media)
-
-
-def _prefer_return(request: Request) -> str | None:
-    prefer = request.headers.get("prefer")
-    if not prefer:
-        return None
-    for part in prefer.split(","):
-        k, _, v = part.strip().partition("=")
-        if k.strip() == "return":
-            return v.strip().strip('"')
-    return None
 
 
 def error_response(error: FhirError, pretty: bool = False) -> Response:

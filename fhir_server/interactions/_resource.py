@@ -90,7 +90,9 @@ def stamped(resource: dict[str, Any], id_: str, version: int, when: datetime) ->
 
 
 def _next_time(previous: Stored | None) -> datetime:
-    now = datetime.now(timezone.utc).replace(microsecond=(datetime.now(timezone.utc).microsecond // 1000) * 1000)
+    """Now, to the millisecond (what BSON dates hold), and after the previous version."""
+    now = datetime.now(timezone.utc)
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
     if previous is not None and now <= previous.last_updated:
         now = previous.last_updated + timedelta(milliseconds=1)
     return now
@@ -122,7 +124,6 @@ async def store_resource(
             index=index,
             method=method,
             expected_version=current.version if current else None,
-            previous_deleted=bool(current and current.deleted),
         )
     )
     return Stored(type_, id_, version, when, False, raw, method), final
@@ -147,13 +148,13 @@ def stage_deletion(tx: Tx, current: Stored) -> Stored:
     return Stored(current.type, current.id, version, when, True, None, "DELETE")
 
 
-def prefer_return(headers: Any) -> str:
-    prefer = headers.get("prefer") or ""
-    for part in prefer.split(","):
-        k, _, v = part.strip().partition("=")
-        if k.strip() == "return":
-            return v.strip().strip('"')
-    return "representation"
+def prefer(headers: Any, name: str) -> str | None:
+    """The value of ``name`` in the Prefer header (``return``, ``handling``), or None."""
+    for part in (headers.get("prefer") or "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip() == name:
+            return value.strip().strip('"')
+    return None
 
 
 def write_response(status: int, stored: Stored, resource: dict[str, Any] | None, base_url: str) -> FhirResponse:

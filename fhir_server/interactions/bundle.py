@@ -26,7 +26,7 @@ from fhir_server.interactions import read as read_mod
 from fhir_server.interactions import search as search_mod
 from fhir_server.interactions import update as update_mod
 from fhir_server.interactions._conditional import find_matches, parse_criteria, too_many
-from fhir_server.interactions._resource import instant, new_id, prefer_return, stored_headers
+from fhir_server.interactions._resource import instant, new_id, prefer, stored_headers
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx, storage_error
 from fhir_server.outcome import FhirError, Issue, bad_request, operation_outcome
 from fhir_server.search.extract import REFERENCE_BYTES as _REFERENCE_BYTES
@@ -118,7 +118,6 @@ def _request_for(entry: _Entry, base_url: str, body: Any, headers: dict[str, str
         headers=headers if headers is not None else entry.headers,
         body=body,
         base_url=base_url,
-        in_transaction=True,
     )
 
 
@@ -361,7 +360,6 @@ async def _batch_entry(server: Server, raw: Any, index: int, base_url: str) -> F
     e = _entry_from(raw, index, base_url)
     _check_placeholders(e, {}, "batch")
     req = _request_for(e, base_url, e.resource)
-    req.in_transaction = False
     handler: Callable[[Server, FhirRequest], Awaitable[FhirResponse]]
     if e.method == "POST" and e.type and e.id is None:
         if e.url.rstrip("/").endswith("_search"):
@@ -425,7 +423,7 @@ async def process(server: Server, req: FhirRequest) -> FhirResponse:
     limit = server.settings.max_bundle_entries
     if len(raw_entries) > limit:
         raise FhirError.of(413, "too-costly", f"The bundle has {len(raw_entries)} entries; this server takes at most {limit}")
-    representation = prefer_return(req.headers) == "representation" and "prefer" in req.headers
+    representation = prefer(req.headers, "return") == "representation"
     if kind == "batch":
         return FhirResponse(200, resource=await _batch(server, raw_entries, req.base_url, representation))
     entries = [_entry_from(raw, i, req.base_url) for i, raw in enumerate(raw_entries)]

@@ -26,8 +26,6 @@ class FhirRequest:
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     body: Any = None
     base_url: str = ""
-    # Set when the request is an entry of a transaction: its references are already rewritten.
-    in_transaction: bool = False
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

@@ -13,15 +13,11 @@ import orjson
 
 from fhir_server.config import Settings
 from fhir_server.interactions._representation import shape_raw
-from fhir_server.interactions._resource import check_type
+from fhir_server.interactions._resource import check_type, prefer
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx
 from fhir_server.outcome import FhirError, operation_outcome
 from fhir_server.search.query import compile_search
 from fhir_server.storage.base import Store, UnitOfWork
-
-
-def _lenient(req: FhirRequest) -> bool:
-    return "handling=lenient" in (req.header("prefer") or "").replace(" ", "")
 
 
 async def search(server: Server, req: FhirRequest) -> FhirResponse:
@@ -47,7 +43,7 @@ async def _search(settings: Settings, store: Store | UnitOfWork, req: FhirReques
         [(k, v) for k, v in req.query if k not in ("_format", "_pretty")],
         default_count=settings.default_count,
         max_count=settings.max_count,
-        lenient=_lenient(req),
+        lenient=prefer(req.headers, "handling") == "lenient",
         base_url=req.base_url,
     )
     self_url = f"{req.base_url}/{req.type}"

@@ -35,7 +35,6 @@ class Write:
     index: dict[str, Any]
     method: str
     expected_version: int | None
-    previous_deleted: bool = False
 
 
 @dataclass(slots=True)

@@ -118,9 +118,6 @@ class MongoStore:
                 await self._db[type_].create_indexes(models)
                 self._types.add(type_)
 
-    def known_types(self) -> set[str]:
-        return set(self._types)
-
     # -- reads ---------------------------------------------------------------------------
 
     async def current(self, type_: str, id_: str) -> Stored | None:
@@ -259,12 +256,6 @@ class MongoStore:
                     continue
                 raise
 
-    async def drop_everything(self) -> None:
-        """For tests and ``fhir-server reset``: remove all data."""
-        await self._client.drop_database(self._db.name)
-        self._types.clear()
-        await self.open()
-
 
 def _is_conflict(e: PyMongoError) -> bool:
     if e.has_error_label("TransientTransactionError"):
@@ -298,7 +289,6 @@ class MongoUnit:
         self._db = store._db
         self._session = session
         self._pending: list[Write] = []
-        self.written: dict[str, Write] = {}
 
     async def current(self, type_: str, id_: str) -> Stored | None:
         await self.flush()
@@ -314,11 +304,6 @@ class MongoUnit:
     async def count(self, type_: str, query: dict[str, Any]) -> int:
         await self.flush()
         return await self._store.count(type_, query, session=self._session)
-
-    async def exists(self, type_: str, id_: str) -> bool:
-        await self.flush()
-        doc = await self._db[type_].find_one({"_id": id_, "d": False}, {"_id": 1}, session=self._session)
-        return doc is not None
 
     async def existing_ids(self, type_: str, ids: set[str]) -> set[str]:
         """Those of ``ids`` that are live resources of ``type_``."""
@@ -350,7 +335,6 @@ class MongoUnit:
 
     def write(self, write: Write) -> None:
         self._pending.append(write)
-        self.written[f"{write.type}/{write.id}"] = write
 
     async def flush(self) -> None:
         if not self._pending:
