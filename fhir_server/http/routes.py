@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fhir_server.http.negotiation import read_body, render, response_format
-from fhir_server.interactions import bundle, capabilities, create, delete, history, patch, read, search, update
+from fhir_server.interactions import bundle, capabilities, create, delete, history, operation, patch, read, search, update
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server
 from fhir_server.outcome import FhirError
 
@@ -81,6 +81,8 @@ async def _route(request: Request) -> Response:
             return await _dispatch(request, bundle.process, body=True)
         raise _not_allowed(request)
     first = segments[0]
+    if segments[-1].startswith("$") and n <= 3:
+        return await _operation(request, segments)
     if n == 1:
         if first == "metadata":
             if method == "GET":
@@ -115,6 +117,22 @@ async def _route(request: Request) -> Response:
             return await _dispatch(request, history.history, type_=first, id_=second)
         return await _dispatch(request, read.vread, type_=first, id_=second, version=segments[3])
     raise FhirError.of(404, "not-found", f"No FHIR endpoint at {request.url.path[:200]}")
+
+
+async def _operation(request: Request, segments: list[str]) -> Response:
+    name = segments[-1][1:]
+    type_ = segments[0] if len(segments) > 1 else None
+    id_ = segments[1] if len(segments) > 2 else None
+    has_body = request.method in ("POST", "PUT") and (request.headers.get("content-length") not in (None, "0"))
+
+    async def handler(server: Server, req: FhirRequest) -> FhirResponse:
+        return await operation.invoke(server, req, name)
+
+    if request.method == "POST" and (request.headers.get("content-type") or "").startswith(
+        "application/x-www-form-urlencoded"
+    ):
+        return await _dispatch(request, handler, type_=type_, id_=id_, form=True)
+    return await _dispatch(request, handler, type_=type_, id_=id_, body=has_body)
 
 
 _TYPE_LEVEL: dict[str, tuple[Handler, dict[str, bool]]] = {

@@ -70,20 +70,28 @@ class Server:
     pre_store: list[PreStore] = field(default_factory=list)
     # Called once per unit of work before it commits (referential integrity, ...).
     on_commit: list[OnCommit] = field(default_factory=list)
+    # Called after a unit of work has committed (registering SearchParameters, ...).
+    after_commit: list[OnCommit] = field(default_factory=list)
 
     async def transact(self, work: Callable[["Tx"], Awaitable[T]], types: set[str] = frozenset()) -> T:  # type: ignore[assignment]
         """Run ``work`` atomically, with the commit interceptors, retried on write conflicts."""
         if types:
             await self.store.ensure_types(set(types))
 
+        committed: list[Tx] = []  # the attempt that committed is the last one started
+
         async def unit_work(unit: UnitOfWork) -> T:
             tx = Tx(self, unit)
+            committed[:] = [tx]
             result = await work(tx)
             for hook in self.on_commit:
                 await hook(tx)
             return result
 
-        return await self.store.transact(unit_work)
+        result = await self.store.transact(unit_work)
+        for hook in self.after_commit:
+            await hook(committed[0])
+        return result
 
 
 @dataclass
@@ -96,10 +104,13 @@ class Tx:
     references: set[str] = field(default_factory=set)
     # Resources deleted in this unit.
     deleted: set[str] = field(default_factory=set)
+    # Every version written in this unit, in order.
+    written: list[Write] = field(default_factory=list)
 
     @property
     def settings(self) -> Settings:
         return self.server.settings
 
     def write(self, write: Write) -> None:
+        self.written.append(write)
         self.unit.write(write)
