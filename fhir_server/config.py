@@ -34,6 +34,12 @@ class Settings:
 
     default_count: int = 50
     max_count: int = 1000
+    # Bundle.total when a search does not ask (_total): accurate | estimate | none.
+    search_default_total: str = "accurate"
+    # Most resources a page may add through _include/_revinclude (beyond, a warning says so).
+    max_include: int = 1000
+    # Most intermediate matches a chained or _has criterion may resolve to (beyond, 400 too-costly).
+    max_chain_matches: int = 100_000
     history_default_count: int = 100
 
 

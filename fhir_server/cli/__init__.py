@@ -5,6 +5,7 @@
     fhir-server mongod start --port P --dbpath DIR                (prints the URI)
     fhir-server mongod stop  --dbpath DIR
     fhir-server load PATH... [--url URL] [--concurrency N]
+    fhir-server reindex [--url URL] [--param SP_URL]...
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import click
 
 from fhir_server.cli.loader import load_command
+from fhir_server.cli.reindex import reindex_command
 from fhir_server.config import load_settings
 from fhir_server.storage import mongod as embedded
 
@@ -128,6 +130,7 @@ def mongod_stop(dbpath: str) -> None:
 
 
 cli.add_command(load_command, "load")
+cli.add_command(reindex_command, "reindex")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger("fhir_server")
 
 def build_server(settings: Settings, store: MongoStore) -> Server:
     """Attach the interceptors the settings ask for."""
+    from fhir_server.interceptors import search_parameters
     from fhir_server.interceptors.integrity import check_references
     from fhir_server.interceptors.validation import validate_before_store
 
@@ -34,6 +35,8 @@ def build_server(settings: Settings, store: MongoStore) -> Server:
         server.pre_store.append(validate_before_store)
     if settings.referential_integrity:
         server.on_commit.append(check_references)
+    # Always, whatever the settings (after validation): an unusable SearchParameter is never stored.
+    search_parameters.install(server)
     return server
 
 
@@ -47,10 +50,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client: AsyncMongoClient = AsyncMongoClient(settings.mongodb_uri, tz_aware=True, maxPoolSize=200)
         store = MongoStore(client, settings.database, indexes_for=search_indexes)
         await store.open()
-        app.state.server = build_server(settings, store)
+        app.state.server = server = build_server(settings, store)
+        from fhir_server.interceptors.search_parameters import SearchParameterWatch
+
+        watch = SearchParameterWatch(store)
+        await watch.start()  # custom SearchParameters are searchable from the first request
+        if server.reindexer is not None:
+            await server.reindexer.open()
         try:
             yield
         finally:
+            if server.reindexer is not None:
+                await server.reindexer.close()
+            await watch.stop()
             await client.close()
 
     app = FastAPI(title="fhir-server-cn", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -32,6 +32,7 @@ async def _dispatch(
     body: bool = False,
     patch_body: bool = False,
     form: bool = False,
+    compartment: tuple[str, str] | None = None,
 ) -> Response:
     server: Server = request.app.state.server
     response_format(request)
@@ -53,6 +54,7 @@ async def _dispatch(
         headers={k.lower(): v for k, v in request.headers.items()},
         body=payload,
         base_url=_base_url(request, server),
+        compartment=compartment,
     )
     return render(request, await handler(server, req))
 
@@ -116,6 +118,12 @@ async def _route(request: Request) -> Response:
         if n == 3:
             return await _dispatch(request, history.history, type_=first, id_=second)
         return await _dispatch(request, read.vread, type_=first, id_=second, version=segments[3])
+    if n == 3 and (segments[2] == "*" or segments[2][:1].isupper()):
+        # Compartment search: Patient/123/Observation, Patient/123/*
+        if method != "GET":
+            raise _not_allowed(request)
+        type_ = None if segments[2] == "*" else segments[2]
+        return await _dispatch(request, search.search, type_=type_, compartment=(first, second))
     raise FhirError.of(404, "not-found", f"No FHIR endpoint at {request.url.path[:200]}")
 
 

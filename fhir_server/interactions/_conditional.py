@@ -36,7 +36,15 @@ async def find_matches(
     selecting = [(k, v) for k, v in criteria if k.partition(":")[0] not in RESULT_PARAMS]
     if not selecting:
         raise bad_request("Conditional criteria must contain at least one search parameter", code="invalid")
-    compiled = compile_search(type_, selecting, default_count=limit, max_count=limit, base_url="")
+    compiled = await compile_search(
+        type_,
+        selecting,
+        lookup=tx.unit,
+        default_count=limit,
+        max_count=limit,
+        max_matches=tx.settings.max_chain_matches,
+        base_url="",
+    )
     key = type_ + "?" + "&".join(f"{k}={v}" for k, v in sorted(selecting))
     if lock:
         await tx.unit.lock("cond:" + hashlib.sha256(key.encode()).hexdigest())

@@ -8,10 +8,11 @@ from typing import Any
 from fhir_server import __version__
 from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server
-from fhir_server.search.parameters import SPECIAL, params_for
+from fhir_server.interactions.operation import registered
+from fhir_server.search.parameters import SPECIAL, on_change, params_for
 
 # The search parameter types the query compiler answers today (search/query.py).
-_SEARCHABLE_TYPES = {"token", "string", "reference", "date", "uri", "number", "quantity"}
+_SEARCHABLE_TYPES = {"token", "string", "reference", "date", "uri", "number", "quantity", "composite"}
 _TYPE_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
 
 
@@ -37,6 +38,8 @@ def _statement(base_url: str, conditional_delete: str) -> dict[str, Any]:
                 "conditionalDelete": conditional_delete,
                 "referencePolicy": ["literal", "logical", "enforced", "local"],
                 "searchParam": params,
+                "searchInclude": ["*"] + [f"{type_}:{c}" for c, sp in sorted(params_for(type_).items()) if sp.type == "reference"],
+                "searchRevInclude": sorted(_revincludes().get(type_, ())),
             }
         )
     return {
@@ -54,10 +57,42 @@ def _statement(base_url: str, conditional_delete: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "resource": resources,
-                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+                "interaction": [
+                    {"code": "transaction"},
+                    {"code": "batch"},
+                    {"code": "search-system"},
+                    {"code": "history-system"},
+                ],
+                "compartment": [f"http://hl7.org/fhir/CompartmentDefinition/{c[0].lower() + c[1:]}" for c in _compartments()],
+                "operation": [
+                    {"name": op.name, "definition": f"{base_url}/OperationDefinition/{op.name}"} for op in registered()
+                ],
             }
         ],
     }
+
+
+@lru_cache(maxsize=1)
+def _revincludes() -> dict[str, list[str]]:
+    """For each type, the ``Source:param`` references that can point at it."""
+    out: dict[str, list[str]] = {}
+    for source in sorted(RESOURCE_TYPES):
+        for code, sp in params_for(source).items():
+            if sp.type == "reference":
+                for target in sp.targets:
+                    out.setdefault(target, []).append(f"{source}:{code}")
+    return out
+
+
+def _compartments() -> tuple[str, ...]:
+    from fhir_server.search.compartments import compartment_types
+
+    return compartment_types()
+
+
+# Custom SearchParameters registered at run time must show up in the next statement.
+on_change(_statement.cache_clear)
+on_change(_revincludes.cache_clear)
 
 
 async def capabilities(server: Server, req: FhirRequest) -> FhirResponse:

@@ -7,11 +7,14 @@ same objects from their entries, so one implementation of each interaction serve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, TypeVar
 
 from fhir_server.config import Settings
 from fhir_server.outcome import FhirError
 from fhir_server.storage.base import Conflict, Store, Stored, TooLarge, UnitOfWork, Write
+
+if TYPE_CHECKING:
+    from fhir_server.search.reindex import Reindexer
 
 T = TypeVar("T")
 
@@ -26,6 +29,8 @@ class FhirRequest:
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     body: Any = None
     base_url: str = ""
+    # A compartment search (``Patient/123/Observation``): the compartment's type and id.
+    compartment: tuple[str, str] | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -72,6 +77,8 @@ class Server:
     on_commit: list[OnCommit] = field(default_factory=list)
     # Called after a unit of work has committed (registering SearchParameters, ...).
     after_commit: list[OnCommit] = field(default_factory=list)
+    # Runs re-index jobs in the background ($reindex, new SearchParameters); set by the app.
+    reindexer: Reindexer | None = None
 
     async def transact(self, work: Callable[["Tx"], Awaitable[T]], types: set[str] = frozenset()) -> T:  # type: ignore[assignment]
         """Run ``work`` atomically, with the commit interceptors, retried on write conflicts."""

@@ -1,4 +1,4 @@
-"""Regenerate data/search-parameters.json.gz from the HL7 R4 package (CC0-1.0).
+"""Regenerate data/search-parameters.json.gz and data/compartments.json.gz from the HL7 R4 package (CC0-1.0).
 
     python -m fhir_server.search._generate /path/to/hl7.fhir.r4.examples-4.0.1.tgz
 """
@@ -12,6 +12,8 @@ import tarfile
 from pathlib import Path
 
 _KEEP = ("url", "code", "base", "type", "expression", "target", "modifier", "comparator", "multipleOr", "multipleAnd")
+# The compartments of R4 (CodeSystem compartment-type), by the file name of their definition.
+_COMPARTMENTS = ("patient", "encounter", "practitioner", "relatedPerson", "device")
 
 
 def main(tgz: str) -> None:
@@ -28,6 +30,20 @@ def main(tgz: str) -> None:
     target = Path(__file__).parent / "data" / "search-parameters.json.gz"
     target.write_bytes(gzip.compress(data, 9, mtime=0))
     print(f"{len(out)} search parameters -> {target}")
+    _compartments(tgz)
+
+
+def _compartments(tgz: str) -> None:
+    """{compartment code: {resource type: [search parameter codes]}}, members only, in spec order."""
+    out: dict[str, dict[str, list[str]]] = {}
+    with tarfile.open(tgz) as tar:
+        for name in _COMPARTMENTS:
+            cd = json.load(tar.extractfile(f"package/CompartmentDefinition-{name}.json"))  # type: ignore[arg-type]
+            out[cd["code"]] = {r["code"]: list(r["param"]) for r in cd["resource"] if r.get("param")}
+    data = json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
+    target = Path(__file__).parent / "data" / "compartments.json.gz"
+    target.write_bytes(gzip.compress(data, 9, mtime=0))
+    print(f"{len(out)} compartments -> {target}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ generic FHIRPath evaluation per resource per parameter. Anything else falls back
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from datetime import datetime, timedelta, timezone
@@ -16,9 +17,17 @@ from typing import Any, Callable
 
 import orjson
 
-from fhir_server.search.parameters import SPECIAL, params_for
+from fhir_server.search import parameters
+from fhir_server.search.parameters import SPECIAL, SearchParam, params_for
+from fhir_server.search.pinyin import has_cjk, pinyin_keys
 
 Extractor = Callable[[dict[str, Any]], list[Any]]
+# Evaluates a composite's component on one node of the composite; the resource is for %resource.
+NodeExtractor = Callable[[Any, dict[str, Any]], list[Any]]
+# Writes the values of one parameter, from the nodes its expression yields, into the `s` document.
+Store = Callable[[list[Any], dict[str, Any], dict[str, Any]], None]
+
+_log = logging.getLogger(__name__)
 
 # Dates without a timezone are taken in China Standard Time, the zone of every data source here.
 LOCAL_TZ = timezone(timedelta(hours=8))
@@ -90,14 +99,25 @@ def _choice_names() -> frozenset[str]:
 
 def _children(nodes: list[Any], name: str) -> list[Any]:
     out: list[Any] = []
-    choice = name in _choice_names()
+    for node in nodes:
+        if isinstance(node, dict):
+            value = node.get(name)
+            if value is not None:
+                out.extend(value) if isinstance(value, list) else out.append(value)
+    return out
+
+
+# `_exact_children` is the same walk: a cast names the exact key (valueQuantity).
+_exact_children = _children
+
+
+def _choice_children(nodes: list[Any], name: str) -> list[Any]:
+    out: list[Any] = []
     for node in nodes:
         if not isinstance(node, dict):
             continue
         value = node.get(name)
         if value is None:
-            if not choice:
-                continue
             # A choice element: `value` finds valueQuantity, valueString, ...
             for key, v in node.items():
                 if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
@@ -105,58 +125,96 @@ def _children(nodes: list[Any], name: str) -> list[Any]:
                     break
             if value is None:
                 continue
-        if isinstance(value, list):
-            out.extend(value)
-        else:
-            out.append(value)
+        out.extend(value) if isinstance(value, list) else out.append(value)
     return out
 
 
-def _compile_steps(steps: list[str]) -> Extractor:
-    ops: list[Callable[[list[Any]], list[Any]]] = []
+def _indexed(nodes: list[Any], arg: tuple[Callable[[list[Any], str], list[Any]], str, int]) -> list[Any]:
+    children, name, idx = arg
+    return children(nodes, name)[idx : idx + 1]
+
+
+def _where_resolve(nodes: list[Any], prefix: str) -> list[Any]:
+    return [n for n in nodes if _ref_has_type(n, prefix)]
+
+
+def _where_eq(nodes: list[Any], arg: tuple[str, str]) -> list[Any]:
+    field, value = arg
+    return [n for n in nodes if isinstance(n, dict) and n.get(field) == value]
+
+
+_Op = tuple[Callable[[list[Any], Any], list[Any]], Any]
+
+
+def _compile_ops(steps: list[str]) -> list[_Op]:
+    """The steps as (function, argument) pairs, each taking a list of nodes to the next."""
+    ops: list[_Op] = []
+    choices = _choice_names()
     i = 0
     while i < len(steps):
         step = steps[i]
         nxt = steps[i + 1] if i + 1 < len(steps) else ""
         m_as = _AS.match(nxt)
         if _NAME.match(step) and m_as:
-            key = step + m_as.group(1)[0].upper() + m_as.group(1)[1:]
-            ops.append(lambda nodes, k=key: _exact_children(nodes, k))
+            ops.append((_exact_children, step + m_as.group(1)[0].upper() + m_as.group(1)[1:]))
             i += 2
             continue
         if _NAME.match(step):
-            ops.append(lambda nodes, n=step: _children(nodes, n))
+            ops.append((_choice_children if step in choices else _children, step))
         elif (m := _INDEXED.match(step)) is not None:
-            name, idx = m.group(1), int(m.group(2))
-            ops.append(lambda nodes, n=name, k=idx: _children(nodes, n)[k : k + 1])
+            name = m.group(1)
+            ops.append((_indexed, (_choice_children if name in choices else _children, name, int(m.group(2)))))
         elif (m := _WHERE_RESOLVE.match(step)) is not None:
-            prefix = m.group(1) + "/"
-            ops.append(lambda nodes, p=prefix: [n for n in nodes if _ref_has_type(n, p)])
+            ops.append((_where_resolve, m.group(1) + "/"))
         elif (m := _WHERE_EQ.match(step)) is not None:
-            field, value = m.group(1), m.group(2)
-            ops.append(lambda nodes, f=field, v=value: [n for n in nodes if isinstance(n, dict) and n.get(f) == v])
+            ops.append((_where_eq, (m.group(1), m.group(2))))
         else:
             raise _Unsupported(step)
         i += 1
+    return ops
 
-    def run(resource: dict[str, Any]) -> list[Any]:
-        nodes: list[Any] = [resource]
-        for op in ops:
-            nodes = op(nodes)
+
+def _compile_walk(steps: list[str]) -> Callable[[list[Any]], list[Any]]:
+    """A function taking the nodes before ``steps`` to the nodes after them."""
+    ops = _compile_ops(steps)
+
+    def walk(nodes: list[Any]) -> list[Any]:
+        for fn, arg in ops:
+            nodes = fn(nodes, arg)
             if not nodes:
                 return nodes
         return nodes
 
+    return walk
+
+
+def _compile_steps(steps: list[str]) -> Extractor:
+    ops = _compile_ops(steps)
+    if len(ops) == 1 and ops[0][0] is _children:
+        # The most common shape by far (Observation.code): one plain element of the resource.
+        name = ops[0][1]
+
+        def element(resource: dict[str, Any]) -> list[Any]:
+            value = resource.get(name)
+            if value is None:
+                return []
+            return value if isinstance(value, list) else [value]
+
+        return element
+    if len(ops) == 1:
+        fn, arg = ops[0]
+        return lambda resource: fn([resource], arg)
+    first, rest = ops[0], ops[1:]
+
+    def run(resource: dict[str, Any]) -> list[Any]:
+        nodes = first[0]([resource], first[1])
+        for fn, arg in rest:
+            if not nodes:
+                return nodes
+            nodes = fn(nodes, arg)
+        return nodes
+
     return run
-
-
-def _exact_children(nodes: list[Any], key: str) -> list[Any]:
-    out: list[Any] = []
-    for node in nodes:
-        if isinstance(node, dict) and key in node:
-            v = node[key]
-            out.extend(v) if isinstance(v, list) else out.append(v)
-    return out
 
 
 def _ref_has_type(node: Any, prefix: str) -> bool:
@@ -177,31 +235,101 @@ def _compile_part(part: str, resource_type: str) -> Extractor | None:
         part, cast = _strip_parens(pieces[0]), pieces[1]
     steps = _split_top(part, ".")
     root = steps[0]
-    if root not in (resource_type, "Resource", "DomainResource"):
-        return None
-    steps = steps[1:]
     if cast:
         steps.append(f"as({cast})")
+    if root.startswith("(") and root.endswith(")") and len(steps) > 1:
+        # `(Observation.value as CodeableConcept).text`: the path continues from a cast.
+        head = _compile_part(root, resource_type)
+        if head is None:
+            return None
+        walk = _compile_walk(steps[1:])
+        return lambda r: walk(head(r))
+    if root not in (resource_type, "Resource", "DomainResource"):
+        if not _NAME.match(root):
+            raise _Unsupported(root)
+        if root[0].isupper():
+            return None  # an alternative for another resource type
+        # A path without its type (`name | alias` of InsurancePlan) starts at the resource.
+        return _compile_steps(steps)
+    steps = steps[1:]
     if not steps:
         return lambda r: [r]
     return _compile_steps(steps)
 
 
+def _compile_relative_part(part: str) -> NodeExtractor:
+    """Compile one ``|`` alternative of a composite component, rooted at the composite's node."""
+    part = _strip_parens(part)
+    pieces = _split_top(part, " as ")
+    steps = _split_top(_strip_parens(pieces[0]), ".")
+    if len(pieces) == 2:
+        steps.append(f"as({pieces[1]})")
+    on_resource = steps[0] == "%resource"
+    if steps[0] in ("%resource", "$this"):
+        steps = steps[1:]
+    if not steps:
+        return (lambda node, resource: [resource]) if on_resource else (lambda node, resource: [node])
+    run = _compile_steps(steps)
+    if on_resource:
+        return lambda node, resource: run(resource)
+    return lambda node, resource: run(node)
+
+
+def _fhirpath_model() -> dict[str, Any] | None:
+    # The R4 model lets FHIRPath resolve choice elements (`value` → valueQuantity) and types.
+    from fhirpathpy.models import models
+
+    return models.get("r4")
+
+
+def _plain(value: Any) -> Any:
+    """A FHIRPath result as JSON data (fhirpathpy may hand back its own date or quantity types)."""
+    return value if isinstance(value, (dict, list, str, int, float, bool)) else str(value)
+
+
 def _fhirpath_fallback(expression: str) -> Extractor:
     import fhirpathpy  # imported lazily: the compiled path covers nearly every R4 expression
 
-    compiled = fhirpathpy.compile(expression)
+    compiled = fhirpathpy.compile(expression, _fhirpath_model())
 
     def run(resource: dict[str, Any]) -> list[Any]:
         try:
-            return list(compiled(resource))
+            return [_plain(v) for v in compiled(resource)]
         except Exception:  # a FHIRPath evaluation error means "no value", not a failed write
             return []
 
     return run
 
 
-def compile_expression(expression: str, resource_type: str) -> Extractor:
+def _fhirpath_relative(expression: str) -> NodeExtractor:
+    import fhirpathpy
+
+    compiled = fhirpathpy.compile(expression, _fhirpath_model())
+
+    def run(node: Any, resource: dict[str, Any]) -> list[Any]:
+        try:
+            return [_plain(v) for v in compiled(node, {"resource": resource, "rootResource": resource})]
+        except Exception:  # as above: no value
+            return []
+
+    return run
+
+
+def _union(parts: list[Callable[..., list[Any]]]) -> Callable[..., list[Any]]:
+    if len(parts) == 1:
+        return parts[0]
+
+    def union(*args: Any) -> list[Any]:
+        out: list[Any] = []
+        for fn in parts:
+            out.extend(fn(*args))
+        return out
+
+    return union
+
+
+def _compile(expression: str, resource_type: str) -> Extractor | None:
+    """The compiled extractor, or None when the expression is beyond the compiled subset."""
     parts = []
     try:
         for part in _split_top(expression, "|"):
@@ -209,29 +337,47 @@ def compile_expression(expression: str, resource_type: str) -> Extractor:
             if fn is not None:
                 parts.append(fn)
     except _Unsupported:
-        return _fhirpath_fallback(expression)
-    if len(parts) == 1:
-        return parts[0]
+        return None
+    return _union(parts) if parts else (lambda resource: [])
 
-    def union(resource: dict[str, Any]) -> list[Any]:
-        out: list[Any] = []
-        for fn in parts:
-            out.extend(fn(resource))
-        return out
 
-    return union
+def _patient_deceased(resource: dict[str, Any]) -> list[Any]:
+    flag = resource.get("deceasedBoolean")
+    return [flag is True] if isinstance(flag, bool) else ["deceasedDateTime" in resource]
+
+
+# R4 expressions beyond the compiled subset that a write meets often enough to hand-compile.
+_HAND_COMPILED: dict[str, Extractor] = {
+    "Patient.deceased.exists() and Patient.deceased != false": _patient_deceased,
+}
+
+
+def compile_expression(expression: str, resource_type: str) -> Extractor:
+    """An extractor for a search parameter expression on ``resource_type`` (fhirpathpy if need be)."""
+    return _HAND_COMPILED.get(expression) or _compile(expression, resource_type) or _fhirpath_fallback(expression)
+
+
+def compile_relative(expression: str) -> NodeExtractor:
+    """An extractor for a composite component's expression, evaluated on each composite node."""
+    try:
+        return _union([_compile_relative_part(part) for part in _split_top(expression, "|")])
+    except _Unsupported:
+        return _fhirpath_relative(expression)
 
 
 # -- encoding values per search parameter type ------------------------------------------------
 
 
+@lru_cache(maxsize=16384)
 def normalize_string(text: str) -> str:
     """Case- and accent-insensitive form used by string search."""
+    # Cached: displays, cities and given names repeat across resources far more than they vary.
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
 
 
-def _token_values(node: Any, out: list[str]) -> None:
+def _token_values(node: Any, out: list[str], texts: list[str] | None = None) -> None:
+    """Token strings of one node; with ``texts``, also the text that ``:text`` searches."""
     if isinstance(node, str):
         out.append(node)
     elif isinstance(node, bool):
@@ -239,18 +385,40 @@ def _token_values(node: Any, out: list[str]) -> None:
     elif isinstance(node, (int, float)):
         out.append(str(node))
     elif isinstance(node, dict):
+        if texts is not None:
+            text = node.get("text")  # CodeableConcept.text
+            if text is None:
+                text = node.get("display")  # Coding.display
+            if isinstance(text, str):
+                texts.append(text)
         codings = node.get("coding")
         if isinstance(codings, list):
             for c in codings:
-                _token_values(c, out)
+                _token_values(c, out, texts)
             return
         code = node.get("code")
+        identifier_type = None
         if code is None:
             code = node.get("value")  # Identifier, ContactPoint
+            identifier_type = node.get("type")
         if isinstance(code, str):
             system = node.get("system")
             out.append(f"{system}|{code}" if isinstance(system, str) else f"|{code}")
             out.append(code)
+            if isinstance(identifier_type, dict):
+                _identifier_type(identifier_type, code, out, texts)
+
+
+def _identifier_type(type_: dict[str, Any], value: str, out: list[str], texts: list[str] | None) -> None:
+    """``:of-type`` strings (``system|code|value``) and ``:text`` of an Identifier's type."""
+    if texts is not None and isinstance(type_.get("text"), str):
+        texts.append(type_["text"])
+    codings = type_.get("coding")
+    if isinstance(codings, list):
+        for c in codings:
+            if isinstance(c, dict) and isinstance(c.get("code"), str):
+                system = c.get("system")
+                out.append(f"{system if isinstance(system, str) else ''}|{c['code']}|{value}")
 
 
 _STRING_FIELDS = ("text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country")
@@ -268,9 +436,53 @@ def _string_values(node: Any, out: list[str]) -> None:
                 out.extend(x for x in v if isinstance(x, str))
 
 
+def _string_entries(nodes: list[Any], pinyin: bool = False) -> list[dict[str, str]]:
+    values: list[str] = []
+    for node in nodes:
+        _string_values(node, values)
+    unique = dict.fromkeys(values)
+    out = [{"n": normalize_string(v), "x": v} for v in unique]
+    if pinyin:
+        out += _pinyin_entries(nodes, unique)
+    return out
+
+
+def _pinyin_entries(nodes: list[Any], values: dict[str, None]) -> list[dict[str, str]]:
+    """Extra ``{"n"}`` entries (no ``x``: ``:exact`` never matches them) for Chinese names: their
+    pinyin keys, and family + given joined as Chinese names are written (张 + 三 → 张三)."""
+    texts = [v for v in values if has_cjk(v)]
+    if not texts:
+        return []
+    keys: dict[str, None] = {}
+    for node in nodes:
+        joined = _joined_name(node)
+        if joined and joined not in values:
+            keys[normalize_string(joined)] = None
+            texts.append(joined)
+    for text in texts:
+        keys.update(dict.fromkeys(pinyin_keys(text)))
+    return [{"n": k} for k in keys]
+
+
+def _joined_name(node: Any) -> str | None:
+    if not isinstance(node, dict):
+        return None
+    family, given = node.get("family"), node.get("given")
+    if not isinstance(family, str) or not isinstance(given, list) or not has_cjk(family):
+        return None
+    return family + "".join(g for g in given if isinstance(g, str))
+
+
+def _canonical(value: str, out: list[str]) -> None:
+    out.append(value)
+    bar = value.find("|")
+    if bar > 0:  # url|version also matches a search on the url alone
+        out.append(value[:bar])
+
+
 def _reference_values(node: Any, out: list[str]) -> None:
     if isinstance(node, str):  # canonical / uri references
-        out.append(node)
+        _canonical(node, out)
         return
     if not isinstance(node, dict):
         return
@@ -278,6 +490,12 @@ def _reference_values(node: Any, out: list[str]) -> None:
     if isinstance(ref, str):
         local = local_reference(ref)
         out.append(local or ref)
+    ident = node.get("identifier")
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+        value, system = ident["value"], ident.get("system")
+        # `subject:identifier=sys|val`; the "?" keeps these apart from "Type/id" and URLs.
+        out.append(f"?{system}|{value}" if isinstance(system, str) else f"?|{value}")
+        out.append(f"?{value}")
 
 
 _LOCAL_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
@@ -365,7 +583,7 @@ def _quantity_values(node: Any, out: list[Any]) -> None:
 
 def _uri_values(node: Any, out: list[str]) -> None:
     if isinstance(node, str):
-        out.append(node)
+        _canonical(node, out)
 
 
 _ENCODERS: dict[str, Callable[[Any, list[Any]], None]] = {
@@ -377,34 +595,202 @@ _ENCODERS: dict[str, Callable[[Any, list[Any]], None]] = {
     "quantity": _quantity_values,
     "uri": _uri_values,
 }
+_DEDUPLICATED = frozenset({"token", "reference", "uri"})
+
+
+def encode_values(kind: str, nodes: list[Any], *, pinyin: bool = False) -> list[Any]:
+    """The list stored under ``s`` for a parameter of type ``kind`` whose expression yielded
+    ``nodes`` (``pinyin``: add the pinyin entries of Chinese names to string values)."""
+    if kind == "string":
+        return _string_entries(nodes, pinyin)
+    encode = _ENCODERS.get(kind)
+    if encode is None:
+        raise ValueError(f"search parameters of type {kind!r} have no stored form")
+    out: list[Any] = []
+    for node in nodes:
+        encode(node, out)
+    return list(dict.fromkeys(out)) if kind in _DEDUPLICATED else out
+
+
+# -- the extraction plan per resource type ----------------------------------------------------
+
+# String parameters whose Chinese values also get pinyin keys: names staff search by sound.
+_PINYIN_PARAMS: dict[str, frozenset[str]] = {
+    rtype: frozenset({"name", "family", "given", "phonetic"})
+    for rtype in ("Patient", "Practitioner", "RelatedPerson", "Person")
+}
+
+
+def _store_values(code: str, kind: str, pinyin: bool = False) -> Store:
+    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any]) -> None:
+        values = encode_values(kind, nodes, pinyin=pinyin)
+        if values:
+            index[code] = values
+
+    return store
+
+
+def _store_token(code: str) -> Store:
+    text_key = code + ":text"
+
+    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any]) -> None:
+        values: list[str] = []
+        texts: list[str] = []
+        for node in nodes:
+            _token_values(node, values, texts)
+        if values:
+            index[code] = list(dict.fromkeys(values))
+        if texts:
+            index[text_key] = list(dict.fromkeys(map(normalize_string, texts)))
+
+    return store
+
+
+def _store_composite(code: str, parts: tuple[tuple[str, NodeExtractor], ...]) -> Store:
+    keys = tuple(f"c{i}" for i in range(len(parts)))
+    reversed_parts = parts[::-1]
+
+    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any]) -> None:
+        entries = []
+        for node in nodes:
+            # A composite search names every component, so a node lacking one can never match:
+            # storing it would only grow the index (every Observation has a code, few a string).
+            found = []
+            for _, extract in reversed_parts:
+                values = extract(node, resource)
+                if not values:
+                    break
+                found.append(values)
+            else:
+                found.reverse()
+                entry = {}
+                for key, (kind, _), values in zip(keys, parts, found):
+                    encoded = encode_values(kind, values)
+                    if not encoded:
+                        break
+                    entry[key] = encoded
+                else:
+                    entries.append(entry)
+        if entries:
+            index[code] = entries
+
+    return store
+
+
+@lru_cache(maxsize=1)
+def _params_by_url() -> dict[str, SearchParam]:
+    out: dict[str, SearchParam] = {}
+    for table in parameters._by_base().values():
+        for sp in table.values():
+            out.setdefault(sp.url, sp)
+    return out
+
+
+def _param_by_url(url: str, resource_type: str) -> SearchParam | None:
+    # The type's own parameters first: they include any registered at run time.
+    for sp in params_for(resource_type).values():
+        if sp.url == url:
+            return sp
+    return _params_by_url().get(url)
+
+
+# R4 errata: DocumentReference-relationship names its components' definitions the wrong way
+# round (relatesto, a reference, for `code`); R5 fixed it. The query side reads them from here too.
+_COMPONENT_ERRATA: dict[str, tuple[tuple[str, str], ...]] = {
+    "http://hl7.org/fhir/SearchParameter/DocumentReference-relationship": (
+        ("http://hl7.org/fhir/SearchParameter/DocumentReference-relation", "code"),
+        ("http://hl7.org/fhir/SearchParameter/DocumentReference-relatesto", "target"),
+    ),
+}
+
+
+def composite_components(sp: SearchParam, resource_type: str) -> tuple[tuple[SearchParam, str], ...] | None:
+    """(component parameter, expression on the composite's node) per component of a composite,
+    in order: ``cN`` holds values encoded as component N's type. None when one is unknown."""
+    out = []
+    for url, expression in _COMPONENT_ERRATA.get(sp.url, sp.components):
+        component = _param_by_url(url, resource_type)
+        if component is None or component.type not in _ENCODERS:
+            return None
+        out.append((component, expression))
+    return tuple(out) or None
+
+
+def _composite_parts(sp: SearchParam, resource_type: str) -> tuple[tuple[str, NodeExtractor], ...] | None:
+    components = composite_components(sp, resource_type)
+    if components is None:
+        return None
+    return tuple((component.type, compile_relative(expression)) for component, expression in components)
+
+
+def _plan_entry(code: str, sp: SearchParam, resource_type: str) -> tuple[str, str, Extractor, tuple[str, ...], Store] | None:
+    expression = sp.expression or ""
+    compiled = _compile(expression, resource_type)
+    extract = _HAND_COMPILED.get(expression) or compiled or _fhirpath_fallback(expression)
+    # Others may read anything, or yield a value for an absent element: run them on every resource.
+    roots = _root_elements(expression, resource_type) if compiled else ()
+    if sp.type == "composite":
+        parts = _composite_parts(sp, resource_type)
+        if parts is None:
+            _log.warning("composite search parameter %s on %s: a component is unknown, not extracted", code, resource_type)
+            return None
+        store = _store_composite(code, parts)
+        if compiled:
+            # On the resource itself (`Observation`), a node lacking any component yields nothing,
+            # so the last component's elements (the value, rarer than the code) decide.
+            bare = next((r for r in map(_relative_roots, reversed([e for _, e in _COMPONENT_ERRATA.get(sp.url, sp.components)])) if r), ())
+            roots = _root_elements(expression, resource_type, bare)
+    elif sp.type == "token":
+        store = _store_token(code)
+    else:
+        store = _store_values(code, sp.type, pinyin=sp.type == "string" and code in _PINYIN_PARAMS.get(resource_type, ()))
+    return code, sp.type, extract, roots, store
 
 
 @lru_cache(maxsize=None)
-def _plan(resource_type: str) -> tuple[tuple[str, str, Extractor, tuple[str, ...]], ...]:
+def _plan(resource_type: str) -> tuple[tuple[str, str, Extractor, tuple[str, ...], Store], ...]:
     plan = []
     for code, sp in params_for(resource_type).items():
-        if code in SPECIAL or sp.type not in _ENCODERS or not sp.expression:
+        if code in SPECIAL or not sp.expression or (sp.type not in _ENCODERS and sp.type != "composite"):
             continue
-        roots = _root_elements(sp.expression, resource_type)
-        plan.append((code, sp.type, compile_expression(sp.expression, resource_type), roots))
+        try:
+            entry = _plan_entry(code, sp, resource_type)
+        except Exception:  # one bad (custom) expression must not stop every write of the type
+            _log.exception("search parameter %s on %s: expression %r cannot be compiled", code, resource_type, sp.expression)
+            continue
+        if entry is not None:
+            plan.append(entry)
     return tuple(plan)
 
 
 def indexed_parameters(resource_type: str) -> list[tuple[str, str]]:
     """(code, type) of the parameters whose values :func:`index_resource` stores for this type."""
-    return [(code, kind) for code, kind, _, _ in _plan(resource_type)]
+    return [(code, kind) for code, kind, _, _, _ in _plan(resource_type)]
 
 
-def _root_elements(expression: str, resource_type: str) -> tuple[str, ...]:
-    """Top-level element names an expression reads (choice names as prefixes); () means "any"."""
+def _root_elements(expression: str, resource_type: str, bare: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Top-level element names an expression reads (choice names as prefixes); () means "any".
+    ``bare`` stands for an alternative that is the resource itself (a composite's components)."""
     names: list[str] = []
     for part in _split_top(expression, "|"):
         part = _strip_parens(_split_top(_strip_parens(part), " as ")[0])
         steps = _split_top(part, ".")
-        if steps[0] not in (resource_type, "Resource", "DomainResource"):
+        if steps[0].startswith("("):
+            inner = _root_elements(steps[0], resource_type)
+            if not inner:
+                return ()
+            names += inner
             continue
+        if steps[0] not in (resource_type, "Resource", "DomainResource"):
+            if steps[0][:1].islower():  # a path without its type: the first step is the element
+                steps = [resource_type, *steps]
+            else:
+                continue
         if len(steps) < 2:
-            return ()
+            if not bare:
+                return ()
+            names += bare
+            continue
         name = steps[1].split("(", 1)[0].split("[", 1)[0]
         if not _NAME.match(name):
             return ()
@@ -412,22 +798,54 @@ def _root_elements(expression: str, resource_type: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _relative_roots(expression: str) -> tuple[str, ...]:
+    """The element names of a node that a component expression reads (a cast names the exact
+    key: ``value.as(Quantity)`` reads valueQuantity); () when it cannot tell."""
+    names: list[str] = []
+    for part in _split_top(expression, "|"):
+        part = _strip_parens(part)
+        pieces = _split_top(part, " as ")
+        steps = _split_top(_strip_parens(pieces[0]), ".")
+        if len(pieces) == 2:
+            steps.append(f"as({pieces[1]})")
+        if not _NAME.match(steps[0]):
+            return ()
+        m_as = _AS.match(steps[1]) if len(steps) > 1 else None
+        names.append(steps[0] + m_as.group(1)[0].upper() + m_as.group(1)[1:] if m_as else steps[0])
+    return tuple(dict.fromkeys(names))
+
+
+# Resource keys seen per type, remembered with the plan entries they start; bounded, since
+# validation may be off and keys then arbitrary.
+_MEMO_LIMIT = 2048
+
+
 @lru_cache(maxsize=None)
-def _dispatch(resource_type: str) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...], frozenset[str]]:
-    """For each top-level element name, the plan entries that read it; entries that read from
-    the root itself; and the choice base names among the roots."""
-    by_key: dict[str, list[int]] = {}
+def _dispatch(
+    resource_type: str,
+) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...], dict[str, tuple[int, ...]], frozenset[str]]:
+    """A memo of resource key → plan entries; the entries that read from the root itself; for
+    each element name, the entries that read it; the choice base names among those."""
+    by_name: dict[str, list[int]] = {}
     always: list[int] = []
-    for i, (_, _, _, roots) in enumerate(_plan(resource_type)):
+    for i, (_, _, _, roots, _) in enumerate(_plan(resource_type)):
         if not roots:
             always.append(i)
         for name in roots:
-            by_key.setdefault(name, []).append(i)
-    choices = frozenset(n for n in by_key if n in _choice_names())
-    return {k: tuple(v) for k, v in by_key.items()}, tuple(always), choices
+            by_name.setdefault(name, []).append(i)
+    choices = frozenset(n for n in by_name if n in _choice_names())
+    return {}, tuple(always), {k: tuple(v) for k, v in by_name.items()}, choices
 
 
-@lru_cache(maxsize=4096)
+def _clear_caches() -> None:
+    _plan.cache_clear()
+    _dispatch.cache_clear()
+    _params_by_url.cache_clear()
+
+
+parameters.on_change(_clear_caches)
+
+
 def _choice_base(key: str, choices: frozenset[str]) -> str | None:
     """``value`` for ``valueQuantity`` when ``value`` is a choice element of this type."""
     for i in range(len(key) - 1, 0, -1):
@@ -436,14 +854,24 @@ def _choice_base(key: str, choices: frozenset[str]) -> str | None:
     return None
 
 
+def _entries_for_key(key: str, by_name: dict[str, tuple[int, ...]], choices: frozenset[str]) -> tuple[int, ...]:
+    # `valueQuantity` starts both the entries reading it exactly and those reading `value`.
+    hit = by_name.get(key, ())
+    base = _choice_base(key, choices) if choices else None
+    if base is not None and base in by_name:
+        hit = tuple(sorted({*hit, *by_name[base]}))
+    return hit
+
+
 def _entries_for(resource: dict[str, Any]) -> list[int]:
-    by_key, always, choices = _dispatch(resource["resourceType"])
+    memo, always, by_name, choices = _dispatch(resource["resourceType"])
     wanted: dict[int, None] = dict.fromkeys(always)
     for key in resource:
-        hit = by_key.get(key)
-        if hit is None and choices:
-            base = _choice_base(key, choices)
-            hit = by_key.get(base) if base else None
+        hit = memo.get(key)
+        if hit is None:
+            hit = _entries_for_key(key, by_name, choices)
+            if len(memo) < _MEMO_LIMIT:
+                memo[key] = hit
         if hit:
             wanted.update(dict.fromkeys(hit))
     return sorted(wanted)
@@ -477,22 +905,9 @@ def index_resource(resource: dict[str, Any], raw: bytes | None = None, base_url:
     index: dict[str, Any] = {}
     plan = _plan(resource["resourceType"])
     for i in _entries_for(resource):
-        code, kind, extract, _ = plan[i]
-        nodes = extract(resource)
-        if not nodes:
-            continue
-        values: list[Any] = []
-        encode = _ENCODERS[kind]
-        for node in nodes:
-            encode(node, values)
-        if not values:
-            continue
-        if kind == "string":
-            index[code] = [{"n": normalize_string(v), "x": v} for v in dict.fromkeys(values)]
-        elif kind in ("token", "reference", "uri"):
-            index[code] = list(dict.fromkeys(values))
-        else:
-            index[code] = values
+        nodes = plan[i][2](resource)
+        if nodes:
+            plan[i][4](nodes, resource, index)
     refs = local_references(raw if raw is not None else orjson.dumps(resource), base_url)
     if refs:
         index["_refs"] = sorted(refs)

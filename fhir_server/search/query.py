@@ -1,292 +1,123 @@
-"""Turn FHIR search parameters into a MongoDB filter on the extracted index values.
+"""Compile a FHIR search (search.html) on one resource type into a MongoDB filter and a plan.
 
-Every value that reaches MongoDB is a string, number or datetime that this module built: user
-input never becomes an operator or a field name, so ``$where`` or ``{"$gt": ""}`` in a query
-string is just text (or a 400).
+Chained parameters and ``_has`` are resolved here, innermost first, into lists of matching
+references (so MongoDB answers each step from an index); value set membership and code
+hierarchies come from the terminology module. What cannot be answered is a 400 naming the
+parameter, or, with ``Prefer: handling=lenient``, a warning and the parameter ignored.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 
+import orjson
+
+from fhir_server import terminology
+from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.outcome import FhirError, Issue, bad_request
-from fhir_server.search.extract import date_range, local_reference, normalize_string
+from fhir_server.search import clauses, grammar, paging
+from fhir_server.search.clauses import Condition
+from fhir_server.search.extract import normalize_string
 from fhir_server.search.parameters import SearchParam, params_for
+from fhir_server.storage.base import Stored
 
 # Parameters that steer the result rather than select resources.
 RESULT_PARAMS = frozenset(
-    {"_count", "_offset", "_sort", "_summary", "_elements", "_total", "_format", "_pretty", "_contained", "_containedType"}
+    {
+        "_count", "_offset", "_sort", "_summary", "_elements", "_total", "_contained", "_containedType",
+        "_include", "_revinclude", "_cursor",
+    }
 )
-_NOT_YET = frozenset({"_include", "_revinclude", "_has", "_text", "_content", "_list", "_query", "_filter"})
-_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
-_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-MAX_VALUE_LENGTH = 2048
+_NOT_SUPPORTED = frozenset({"_text", "_content", "_query", "_filter"})
+_SORTABLE_SUFFIX = {"date": (".lo", ".hi"), "string": (".n", ".n"), "quantity": (".v", ".v")}
+_NEVER: Condition = {"_id": {"$in": []}}
+MAX_VALUE_LENGTH = 4096
+MAX_CHAIN_DEPTH = 4
+
+
+class Lookup(Protocol):
+    """The reads a compiled search needs besides the search itself (a Store or a UnitOfWork)."""
+
+    async def find(self, type_: str, query: dict[str, Any], limit: int, **kw: Any) -> list[Stored]: ...
+
+    async def find_ids(self, type_: str, query: dict[str, Any], limit: int) -> list[str]: ...
+
+    async def distinct(self, type_: str, query: dict[str, Any], field: str, limit: int) -> list[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    """``_include`` / ``_revinclude``: from resources of ``source``, follow ``param`` (``*``: all)
+    to resources of ``target`` (None: any)."""
+
+    source: str
+    param: str
+    target: str | None
+    iterate: bool
+    reverse: bool
 
 
 @dataclass
 class CompiledSearch:
-    filter: dict[str, Any]
-    sort: list[tuple[str, int]]
+    filter: Condition
+    sort: list[paging.SortKey]
     count: int
-    offset: int
+    cursor_token: str | None = None
+    offset: int = 0
     summary: str | None = None
     elements: list[str] | None = None
     total: str | None = None
+    includes: list[Include] = field(default_factory=list)
     used: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[Issue] = field(default_factory=list)
 
-
-def _split_or(value: str) -> list[str]:
-    """Split on unescaped commas and unescape ``\\,`` ``\\|`` ``\\$`` ``\\\\``."""
-    out, cur, i = [], [], 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\" and i + 1 < len(value):
-            cur.append(value[i + 1])
-            i += 2
-            continue
-        if ch == ",":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    out.append("".join(cur))
-    return out
+    def index_fields(self) -> list[str]:
+        """Index values the search must read back: the sort keys' and what ``_include`` follows."""
+        codes = {k.index_code for k in self.sort if k.index_code}
+        for inc in self.includes:
+            if not inc.reverse:
+                codes.add("_refs" if inc.param == "*" else inc.param)
+        return sorted(c for c in codes if c)
 
 
-def _split_pipe(value: str) -> list[str]:
-    parts = re.split(r"(?<!\\)\|", value)
-    return [p.replace("\\|", "|") for p in parts]
+@dataclass
+class _Context:
+    lookup: Lookup
+    base_url: str
+    max_matches: int
 
 
-def _prefix(value: str) -> tuple[str, str]:
-    if len(value) > 2 and value[:2] in _PREFIXES and (value[2].isdigit() or value[2] == "-"):
-        return value[:2], value[2:]
-    return "eq", value
-
-
-def _date_bounds(name: str, raw: str) -> tuple[str, datetime, datetime]:
-    prefix, text = _prefix(raw)
-    bounds = date_range(text)
-    if bounds is None:
-        raise bad_request(f"Invalid date '{raw[:60]}' for parameter '{name}'", expression=[name])
-    return prefix, bounds[0], bounds[1]
-
-
-def _date_clause(prefix: str, lo: datetime, hi: datetime) -> dict[str, Any]:
-    """Conditions on a stored range {lo, hi} for a search range [lo, hi] (search.html#prefix)."""
-    if prefix == "eq":
-        return {"lo": {"$gte": lo}, "hi": {"$lte": hi}}
-    if prefix == "gt" or prefix == "sa":
-        return {"lo": {"$gt": hi}} if prefix == "sa" else {"hi": {"$gt": hi}}
-    if prefix == "lt" or prefix == "eb":
-        return {"hi": {"$lt": lo}} if prefix == "eb" else {"lo": {"$lt": lo}}
-    if prefix == "ge":
-        return {"hi": {"$gte": lo}}
-    if prefix == "le":
-        return {"lo": {"$lte": hi}}
-    if prefix == "ap":
-        slack = max((hi - lo) / 10, timedelta(days=1))
-        return {"lo": {"$lte": hi + slack}, "hi": {"$gte": lo - slack}}
-    raise AssertionError(prefix)
-
-
-def _instant_clause(prefix: str, lo: datetime, hi: datetime) -> dict[str, Any] | None:
-    """Conditions on a single stored instant (``_lastUpdated``)."""
-    return {
-        "eq": {"$gte": lo, "$lte": hi},
-        "gt": {"$gt": hi},
-        "sa": {"$gt": hi},
-        "lt": {"$lt": lo},
-        "eb": {"$lt": lo},
-        "ge": {"$gte": lo},
-        "le": {"$lte": hi},
-        "ap": {"$gte": lo - max((hi - lo) / 10, timedelta(days=1)), "$lte": hi + max((hi - lo) / 10, timedelta(days=1))},
-    }.get(prefix)
-
-
-def _number_range(name: str, text: str) -> tuple[float, float]:
-    try:
-        d = Decimal(text)
-    except InvalidOperation:
-        raise bad_request(f"Invalid number '{text[:60]}' for parameter '{name}'", expression=[name]) from None
-    if not d.is_finite():
-        raise bad_request(f"Invalid number '{text[:60]}' for parameter '{name}'", expression=[name])
-    exp = d.as_tuple().exponent
-    half = Decimal(5).scaleb(exp - 1) if isinstance(exp, int) else Decimal(0)
-    return float(d - half), float(d + half)
-
-
-def _number_clause(prefix: str, lo: float, hi: float, exact: float) -> dict[str, Any]:
-    return {
-        "eq": {"$gte": lo, "$lt": hi},
-        "ne": {"$not": {"$gte": lo, "$lt": hi}},
-        "gt": {"$gt": exact},
-        "sa": {"$gt": exact},
-        "lt": {"$lt": exact},
-        "eb": {"$lt": exact},
-        "ge": {"$gte": exact},
-        "le": {"$lte": exact},
-        "ap": {"$gte": exact - abs(exact) * 0.1, "$lte": exact + abs(exact) * 0.1},
-    }[prefix]
-
-
-def _token_clause(field_: str, value: str) -> dict[str, Any]:
-    parts = _split_pipe(value)
-    if len(parts) == 1:
-        return {field_: parts[0]}
-    if len(parts) != 2:
-        raise bad_request(f"Invalid token '{value[:60]}'")
-    system, code = parts
-    if code == "":
-        return {field_: {"$regex": "^" + re.escape(system) + r"\|"}}
-    return {field_: f"{system}|{code}"}
-
-
-def _reference_values(sp: SearchParam, value: str, type_modifier: str | None, base_url: str) -> list[str]:
-    if base_url and value.startswith(base_url + "/"):
-        value = value[len(base_url) + 1 :]
-    if "/" in value:
-        local = local_reference(value)
-        return [local or value]
-    if type_modifier:
-        return [f"{type_modifier}/{value}"]
-    if not _ID_RE.match(value):
-        return [value]
-    targets = sp.targets or ()
-    return [f"{t}/{value}" for t in targets] or [value]
-
-
-def _one_value(sp: SearchParam, name: str, modifier: str | None, value: str, base_url: str) -> dict[str, Any]:
-    key = "s." + sp.code
-    kind = sp.type
-    if kind == "token":
-        if modifier not in (None, "not"):
-            raise _unsupported_modifier(name, modifier)
-        return _token_clause(key, value)
-    if kind == "string":
-        norm = normalize_string(value)
-        if modifier is None:
-            return {key + ".n": {"$regex": "^" + re.escape(norm)}}
-        if modifier == "exact":
-            # The normalised form is what the index holds; the exact one is checked beside it.
-            return {key: {"$elemMatch": {"n": norm, "x": value}}}
-        if modifier == "contains":
-            return {key + ".n": {"$regex": re.escape(norm)}}
-        raise _unsupported_modifier(name, modifier)
-    if kind == "reference":
-        type_modifier = None
-        if modifier:
-            if modifier[:1].isupper() and modifier in (sp.targets or (modifier,)):
-                type_modifier = modifier
-            else:
-                raise _unsupported_modifier(name, modifier)
-        values = _reference_values(sp, value, type_modifier, base_url)
-        return {key: {"$in": values}} if len(values) > 1 else {key: values[0]}
-    if kind == "uri":
-        if modifier == "below":
-            return {key: {"$regex": "^" + re.escape(value)}}
-        if modifier is not None:
-            raise _unsupported_modifier(name, modifier)
-        return {key: value}
-    if kind == "date":
-        if modifier is not None:
-            raise _unsupported_modifier(name, modifier)
-        prefix, lo, hi = _date_bounds(name, value)
-        if prefix == "ne":
-            return {"$nor": [{key: {"$elemMatch": _date_clause("eq", lo, hi)}}]}
-        return {key: {"$elemMatch": _date_clause(prefix, lo, hi)}}
-    if kind == "number":
-        prefix, text = _prefix(value)
-        lo, hi = _number_range(name, text)
-        return {key: _number_clause(prefix, lo, hi, float(Decimal(text)))}
-    if kind == "quantity":
-        prefix, text = _prefix(value)
-        parts = _split_pipe(text)
-        lo, hi = _number_range(name, parts[0])
-        match: dict[str, Any] = {"v": _number_clause(prefix, lo, hi, float(Decimal(parts[0])))}
-        if len(parts) == 3:
-            system, code = parts[1], parts[2]
-            if system:
-                match["s"] = system
-            if code:
-                match["$or"] = [{"c": code}, {"u": code}] if not system else [{"c": code}]
-        elif len(parts) != 1:
-            raise bad_request(f"Invalid quantity '{value[:60]}' for parameter '{name}'", expression=[name])
-        return {key: {"$elemMatch": match}}
-    raise FhirError.of(400, "not-supported", f"Search on {kind} parameter '{name}' is not supported yet", expression=[name])
-
-
-def _unsupported_modifier(name: str, modifier: str) -> FhirError:
-    return FhirError.of(400, "not-supported", f"Modifier ':{modifier}' is not supported on parameter '{name}'", expression=[name])
-
-
-def _int_param(name: str, value: str, low: int, high: int) -> int:
-    if not value.isdigit():
-        raise bad_request(f"Parameter '{name}' must be a non-negative integer, got '{value[:40]}'", expression=[name])
-    return max(low, min(int(value), high))
-
-
-def _sort_keys(resource_type: str, value: str) -> list[tuple[str, int]]:
-    keys: list[tuple[str, int]] = []
-    params = params_for(resource_type)
-    for item in value.split(","):
-        item = item.strip()
-        desc = item.startswith("-")
-        name = item[1:] if desc else item
-        direction = -1 if desc else 1
-        if name == "_id":
-            keys.append(("_id", direction))
-        elif name == "_lastUpdated":
-            keys.append(("t", direction))
-        elif name in params and params[name].type in ("date", "string", "token", "number", "quantity", "reference", "uri"):
-            sp = params[name]
-            suffix = {"date": ".lo" if not desc else ".hi", "string": ".n", "number": "", "quantity": ".v"}.get(sp.type, "")
-            keys.append(("s." + name + suffix, direction))
-        else:
-            raise bad_request(f"Cannot sort by unknown parameter '{name[:60]}'", expression=["_sort"])
-    if not any(k == "_id" for k, _ in keys):
-        keys.append(("_id", 1))
-    return keys
-
-
-def compile_search(
+async def compile_search(
     resource_type: str,
     query: list[tuple[str, str]],
     *,
+    lookup: Lookup,
     default_count: int,
     max_count: int,
+    max_matches: int = 100_000,
     lenient: bool = False,
     base_url: str = "",
 ) -> CompiledSearch:
-    """Compile a FHIR search on ``resource_type``; unknown parameters are a 400 unless ``lenient``."""
-    params = params_for(resource_type)
-    ands: list[dict[str, Any]] = []
-    result = CompiledSearch(filter={}, sort=[("_id", 1)], count=default_count, offset=0)
+    """Compile a search on ``resource_type``; unknown parameters are a 400 unless ``lenient``."""
+    ctx = _Context(lookup, base_url, max_matches)
+    ands: list[Condition] = []
+    result = CompiledSearch(filter={}, sort=[paging.SortKey("_id", 1)], count=default_count)
     for raw_name, value in query:
-        if len(value) > MAX_VALUE_LENGTH or len(raw_name) > 256:
-            raise FhirError.of(400, "too-long", f"Search parameter '{raw_name[:60]}' is too long")
-        if "\x00" in value or "\x00" in raw_name:
-            # No FHIR value holds a NUL, and MongoDB refuses one inside a regular expression.
-            shown = raw_name.replace("\x00", "")[:60]
-            raise bad_request(f"Search parameter '{shown}' contains a NUL character", expression=[shown])
-        name, _, modifier = raw_name.partition(":")
+        _check_size(raw_name, value)
+        name = raw_name.partition(":")[0].partition(".")[0]
         if name in RESULT_PARAMS:
-            _result_param(result, resource_type, name, value, default_count, max_count)
-            result.used.append((raw_name, value))
+            _result_param(result, resource_type, raw_name, value, max_count)
+            if name != "_cursor":
+                result.used.append((raw_name, value))
             continue
         try:
-            clause = _param_clause(params, name, modifier or None, value, base_url)
+            clause = await _criterion(ctx, resource_type, raw_name, value, depth=0)
         except FhirError as e:
-            if lenient and e.issues and e.issues[0].code in ("not-supported",):
-                result.ignored.append(
-                    Issue("not-supported", e.issues[0].diagnostics, severity="warning", expression=e.issues[0].expression)
-                )
+            issue = e.issues[0] if e.issues else None
+            if lenient and issue is not None and issue.code == "not-supported":
+                result.ignored.append(Issue("not-supported", issue.diagnostics, severity="warning", expression=issue.expression))
                 continue
             raise
         ands.append(clause)
@@ -296,56 +127,334 @@ def compile_search(
     return result
 
 
-def _param_clause(
-    params: dict[str, SearchParam], name: str, modifier: str | None, value: str, base_url: str
-) -> dict[str, Any]:
-    if name in _NOT_YET or "." in name:
-        raise FhirError.of(400, "not-supported", f"Search parameter '{name[:60]}' is not supported yet", expression=[name])
+def _check_size(raw_name: str, value: str) -> None:
+    if len(value) > MAX_VALUE_LENGTH or len(raw_name) > 256:
+        raise FhirError.of(400, "too-long", f"Search parameter '{raw_name[:60]}' is too long")
+    if "\x00" in value or "\x00" in raw_name:
+        # No FHIR value holds a NUL, and MongoDB refuses one inside a regular expression.
+        shown = raw_name.replace("\x00", "")[:60]
+        raise bad_request(f"Search parameter '{shown}' contains a NUL character", expression=[shown])
+
+
+# -- criteria -----------------------------------------------------------------------------
+
+
+async def _criterion(ctx: _Context, type_: str, raw_name: str, value: str, depth: int) -> Condition:
+    """One ``name[:modifier][.chain]=value`` criterion on ``type_``."""
+    if raw_name.startswith("_has:"):
+        return await _reverse_chain(ctx, type_, raw_name, value, depth)
+    head, dot, rest = raw_name.partition(".")
+    name, _, modifier = head.partition(":")
+    if dot:
+        return await _chain(ctx, type_, name, modifier or None, rest, value, depth)
+    mod = modifier or None
+    if name in _NOT_SUPPORTED:
+        raise grammar.not_supported(f"Search parameter '{name}' is not supported by this server", name)
     if name == "_id":
-        ids = _split_or(value)
-        if modifier == "missing":
-            raise _unsupported_modifier(name, modifier)
-        for i in ids:
-            if not _ID_RE.match(i):
-                raise bad_request(f"Invalid id '{i[:60]}' in _id", expression=["_id"])
-        if modifier == "not":
-            return {"_id": {"$nin": ids}}
-        return {"_id": {"$in": ids}} if len(ids) > 1 else {"_id": ids[0]}
+        return _id_clause(name, mod, value)
     if name == "_lastUpdated":
-        ors = []
-        for v in _split_or(value):
-            prefix, lo, hi = _date_bounds(name, v)
-            clause = {"$nor": [{"t": _instant_clause("eq", lo, hi)}]} if prefix == "ne" else {"t": _instant_clause(prefix, lo, hi)}
-            ors.append(clause)
-        return ors[0] if len(ors) == 1 else {"$or": ors}
-    sp = params.get(name)
+        return _last_updated_clause(name, mod, value)
+    if name == "_list":
+        return await _list_clause(ctx, type_, mod, value)
+    sp = params_for(type_).get(name)
     if sp is None:
-        raise FhirError.of(
-            400, "not-supported", f"Unknown search parameter '{name[:60]}' for this resource type", expression=[name]
-        )
-    if modifier == "missing":
+        raise grammar.not_supported(f"Unknown search parameter '{name[:60]}' for {type_}", name)
+    if mod == "missing":
         if value not in ("true", "false"):
-            raise bad_request(f":missing takes true or false, got '{value[:20]}'", expression=[name])
+            raise bad_request(f":missing takes true or false, got '{value[:20]}'", expression=[raw_name[:60]])
         return {"s." + sp.code: {"$exists": value == "false"}}
-    values = _split_or(value)
+    values = grammar.split_or(value)
     if any(v == "" for v in values):
-        raise bad_request(f"Empty value for search parameter '{name}'", expression=[name])
-    if modifier == "not" and sp.type == "token":
-        # :not matches resources that have none of the values, including those with no value at all.
-        return {"$nor": [_one_value(sp, name, None, v, base_url) for v in values]}
-    ors = [_one_value(sp, name, modifier, v, base_url) for v in values]
+        raise bad_request(f"Empty value for search parameter '{raw_name[:60]}'", expression=[raw_name[:60]])
+    if sp.type == "token":
+        return await _token_clause(ctx, sp, name, mod, values)
+    _check_modifier(sp, name, mod)
+    if sp.type == "composite":
+        ors = [_composite_value(ctx, type_, sp, name, v) for v in values]
+    else:
+        ors = [clauses.simple_value(sp, name, mod, v, "s." + sp.code, ctx.base_url) for v in values]
+    return _or(ors)
+
+
+def _check_modifier(sp: SearchParam, name: str, modifier: str | None) -> None:
+    if modifier is None:
+        return
+    allowed = {
+        "string": ("exact", "contains"),
+        "uri": ("above", "below"),
+        "reference": ("identifier",),
+    }.get(sp.type, ())
+    if modifier in allowed:
+        return
+    if sp.type == "reference" and grammar.TYPE_RE.match(modifier) and modifier in RESOURCE_TYPES:
+        if not sp.targets or modifier in sp.targets:
+            return
+        raise bad_request(f"'{modifier}' is not a target type of parameter '{name}'", expression=[name])
+    raise grammar.unsupported_modifier(name, modifier)
+
+
+def _or(ors: list[Condition]) -> Condition:
     return ors[0] if len(ors) == 1 else {"$or": ors}
 
 
-def _result_param(
-    result: CompiledSearch, resource_type: str, name: str, value: str, default_count: int, max_count: int
-) -> None:
-    if name == "_count":
-        result.count = _int_param(name, value, 0, max_count)
+def _id_clause(name: str, modifier: str | None, value: str) -> Condition:
+    if modifier not in (None, "not"):
+        raise grammar.unsupported_modifier(name, modifier)
+    ids = [grammar.unescape(v) for v in grammar.split_or(value)]
+    for i in ids:
+        if not grammar.ID_RE.match(i):
+            raise bad_request(f"Invalid id '{i[:60]}' in _id", expression=["_id"])
+    if modifier == "not":
+        return {"_id": {"$nin": ids}}
+    return {"_id": {"$in": ids}} if len(ids) > 1 else {"_id": ids[0]}
+
+
+def _last_updated_clause(name: str, modifier: str | None, value: str) -> Condition:
+    if modifier is not None:
+        raise grammar.unsupported_modifier(name, modifier)
+    ors = []
+    for v in grammar.split_or(value):
+        pfx, lo, hi = grammar.date_bounds(name, v)
+        if pfx == "ne":
+            ors.append({"$nor": [{"t": clauses.instant_match("eq", lo, hi)}]})
+        else:
+            ors.append({"t": clauses.instant_match(pfx, lo, hi)})
+    return _or(ors)
+
+
+async def _token_clause(ctx: _Context, sp: SearchParam, name: str, modifier: str | None, values: list[str]) -> Condition:
+    path = "s." + sp.code
+    if modifier is None:
+        return _or([{path: clauses.token_value(name, v)} for v in values])
+    if modifier == "not":
+        # Resources with none of the values, including those with no value at all.
+        return {"$nor": [{path: clauses.token_value(name, v)} for v in values]}
+    if modifier == "text":
+        return _or(
+            [{path + ":text": {"$regex": r"(?:^|\s)" + re.escape(normalize_string(grammar.unescape(v)))}} for v in values]
+        )
+    if modifier == "of-type":
+        ors = []
+        for v in values:
+            parts = grammar.split_pipe(v)
+            if len(parts) != 3 or not all(parts):
+                raise bad_request(f":of-type takes system|code|value, got '{v[:60]}'", expression=[name])
+            ors.append({path: "|".join(parts)})
+        return _or(ors)
+    if modifier in ("in", "not-in"):
+        members: set[tuple[str, str]] = set()
+        for v in values:
+            found = await terminology.valueset_members(ctx.lookup, grammar.unescape(v))
+            if found is None:
+                raise grammar.not_supported(f"The value set '{v[:100]}' is not known to this server", name)
+            members.update(found)
+        cond = _coded_in(path, members)
+        return cond if modifier == "in" else {"$nor": [cond]}
+    if modifier in ("above", "below"):
+        codes: set[str] = set()
+        for v in values:
+            parts = grammar.split_pipe(v)
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise bad_request(f":{modifier} takes system|code, got '{v[:60]}'", expression=[name])
+            related = await terminology.related_codes(ctx.lookup, parts[0], parts[1], modifier)
+            if related is None:
+                raise grammar.not_supported(f"The server knows no hierarchy for {parts[0][:100]}|{parts[1][:40]}", name)
+            codes.update(f"{parts[0]}|{c}" for c in related)
+        return {path: {"$in": sorted(codes)}}
+    raise grammar.unsupported_modifier(name, modifier)
+
+
+def _coded_in(path: str, members: set[tuple[str, str]]) -> Condition:
+    """Codings with one of ``members``; or a plain ``code`` element (indexed without a system,
+    its system being implied by the element's binding) holding one of the codes."""
+    with_system = sorted(f"{s}|{c}" for s, c in members)
+    bare = sorted({c for _, c in members})
+    return {
+        "$or": [
+            {path: {"$in": with_system}},
+            {"$and": [{path: {"$in": bare}}, {path: {"$not": re.compile(r"\|")}}]},
+        ]
+    }
+
+
+def _composite_value(ctx: _Context, type_: str, sp: SearchParam, name: str, value: str) -> Condition:
+    parts = grammar.split_unescaped(value, "$")
+    if len(parts) != len(sp.components):
+        raise bad_request(
+            f"Parameter '{name}' takes {len(sp.components)} values separated by '$', got {len(parts)}", expression=[name]
+        )
+    by_url = {p.url: p for p in params_for(type_).values()}
+    conds: list[Condition] = []
+    for i, ((definition, _), part) in enumerate(zip(sp.components, parts)):
+        component = by_url.get(definition)
+        if component is None:
+            raise grammar.not_supported(f"Component {definition} of '{name}' is not known", name)
+        conds.append(clauses.component_value(component, name, part, f"c{i}", ctx.base_url))
+    return {"s." + sp.code: {"$elemMatch": conds[0] if len(conds) == 1 else {"$and": conds}}}
+
+
+# -- chains, reverse chains, lists ----------------------------------------------------------
+
+
+async def _chain(
+    ctx: _Context, type_: str, name: str, modifier: str | None, rest: str, value: str, depth: int
+) -> Condition:
+    """``name[:Type].rest=value``: the references of ``name`` must point at resources matching ``rest``."""
+    if depth >= MAX_CHAIN_DEPTH:
+        raise bad_request(f"Chains are limited to {MAX_CHAIN_DEPTH} links", expression=[name])
+    sp = params_for(type_).get(name)
+    if sp is None:
+        raise grammar.not_supported(f"Unknown search parameter '{name[:60]}' for {type_}", name)
+    if sp.type != "reference":
+        raise bad_request(f"Only reference parameters can be chained; '{name}' is a {sp.type}", expression=[name])
+    if modifier is not None:
+        if modifier not in RESOURCE_TYPES or (sp.targets and modifier not in sp.targets):
+            raise bad_request(f"'{modifier[:60]}' is not a target type of parameter '{name}'", expression=[name])
+        targets: tuple[str, ...] = (modifier,)
+    else:
+        targets = sp.targets
+    next_name = rest.partition(":")[0].partition(".")[0]
+    usable = [t for t in targets if next_name in ("_id", "_lastUpdated", "_has") or next_name in params_for(t)]
+    if not usable:
+        raise grammar.not_supported(f"No target of '{name}' has a search parameter '{next_name[:60]}'", f"{name}.{next_name}")
+    if modifier is None and len(usable) > 1:
+        # Chaining through a parameter with several target types is ambiguous in general
+        # (search.html#chaining); it is allowed, and each target type is searched.
+        pass
+    refs: list[str] = []
+    for target in usable:
+        inner = await _criterion(ctx, target, rest, value, depth + 1)
+        ids = await ctx.lookup.find_ids(target, inner, ctx.max_matches + 1)
+        _check_matches(len(ids), ctx, f"{name}.{rest}")
+        refs.extend(f"{target}/{i}" for i in ids)
+    return {"s." + sp.code: {"$in": refs}} if refs else _NEVER
+
+
+async def _reverse_chain(ctx: _Context, type_: str, raw_name: str, value: str, depth: int) -> Condition:
+    """``_has:Type:param:criterion=value``: resources that some ``Type`` refers to through ``param``."""
+    if depth >= MAX_CHAIN_DEPTH:
+        raise bad_request(f"_has is limited to {MAX_CHAIN_DEPTH} levels", expression=[raw_name[:60]])
+    parts = raw_name.split(":", 3)
+    if len(parts) != 4 or not all(parts[1:]):
+        raise bad_request("_has takes the form _has:Type:parameter:criterion=value", expression=[raw_name[:60]])
+    _, source, ref_name, rest = parts
+    if source not in RESOURCE_TYPES:
+        raise bad_request(f"Unknown resource type '{source[:60]}' in _has", expression=[raw_name[:60]])
+    sp = params_for(source).get(ref_name)
+    if sp is None or sp.type != "reference":
+        raise bad_request(f"'{ref_name[:60]}' is not a reference parameter of {source}", expression=[raw_name[:60]])
+    if sp.targets and type_ not in sp.targets:
+        raise bad_request(f"{source}.{ref_name} does not refer to {type_}", expression=[raw_name[:60]])
+    inner = await _criterion(ctx, source, rest, value, depth + 1)
+    refs = await ctx.lookup.distinct(source, inner, sp.code, ctx.max_matches * 4)
+    prefix = type_ + "/"
+    ids = sorted({r[len(prefix) :] for r in refs if isinstance(r, str) and r.startswith(prefix)})
+    _check_matches(len(ids), ctx, raw_name)
+    return {"_id": {"$in": ids}}
+
+
+def _check_matches(n: int, ctx: _Context, name: str) -> None:
+    if n > ctx.max_matches:
+        raise FhirError.of(
+            400,
+            "too-costly",
+            f"'{name[:80]}' matches more than {ctx.max_matches} resources; add criteria to narrow it",
+            expression=[name[:80]],
+        )
+
+
+async def _list_clause(ctx: _Context, type_: str, modifier: str | None, value: str) -> Condition:
+    if modifier is not None:
+        raise grammar.unsupported_modifier("_list", modifier)
+    ids: set[str] = set()
+    for list_id in grammar.split_or(value):
+        list_id = grammar.unescape(list_id)
+        if not grammar.ID_RE.match(list_id):
+            raise grammar.not_supported(f"_list={list_id[:60]}: only lists by id are supported", "_list")
+        found = await ctx.lookup.find("List", {"_id": list_id}, limit=1)
+        if not found or not found[0].raw:
+            continue
+        for entry in orjson.loads(found[0].raw).get("entry", ()):
+            ref = (entry.get("item") or {}).get("reference", "")
+            if isinstance(ref, str) and ref.startswith(type_ + "/") and not entry.get("deleted"):
+                ids.add(ref[len(type_) + 1 :].split("/")[0])
+    return {"_id": {"$in": sorted(ids)}}
+
+
+# -- result parameters ---------------------------------------------------------------------
+
+
+def _int_param(name: str, value: str, high: int) -> int:
+    if not value.isdigit():
+        raise bad_request(f"Parameter '{name}' must be a non-negative integer, got '{value[:40]}'", expression=[name])
+    return min(int(value), high)
+
+
+def sort_keys(resource_type: str | None, value: str) -> list[paging.SortKey]:
+    """``_sort`` → sort keys (``resource_type`` None: a search across types, by _id/_lastUpdated only)."""
+    keys: list[paging.SortKey] = []
+    params = params_for(resource_type) if resource_type else {}
+    for item in value.split(","):
+        item = item.strip()
+        desc = item.startswith("-")
+        name = item[1:] if desc else item
+        direction = -1 if desc else 1
+        if name == "_id":
+            keys.append(paging.SortKey("_id", direction))
+        elif name == "_lastUpdated":
+            keys.append(paging.SortKey("t", direction))
+        elif name in params and params[name].type in ("date", "string", "token", "number", "quantity", "reference", "uri"):
+            suffix = _SORTABLE_SUFFIX.get(params[name].type, ("", ""))[1 if desc else 0]
+            keys.append(paging.SortKey("s." + name + suffix, direction))
+        elif not name:
+            raise bad_request("Empty _sort key", expression=["_sort"])
+        elif resource_type is None:
+            raise grammar.not_supported("A search across types sorts by _id or _lastUpdated only", "_sort")
+        else:
+            raise bad_request(f"Cannot sort {resource_type} by unknown parameter '{name[:60]}'", expression=["_sort"])
+    if not any(k.field == "_id" for k in keys):
+        keys.append(paging.SortKey("_id", 1))
+    return keys
+
+
+def parse_include(raw_name: str, value: str) -> Include:
+    name, _, modifier = raw_name.partition(":")
+    reverse = name == "_revinclude"
+    if modifier not in ("", "iterate", "recurse"):
+        raise grammar.unsupported_modifier(name, modifier)
+    iterate = modifier in ("iterate", "recurse")
+    if value == "*":
+        if reverse:
+            raise grammar.not_supported("_revinclude=* is not supported; name the source type and parameter", name)
+        return Include("*", "*", None, iterate, reverse)
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in RESOURCE_TYPES:
+        raise bad_request(f"{name} takes Type:parameter[:targetType], got '{value[:80]}'", expression=[name])
+    source, param = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    if target is not None and target not in RESOURCE_TYPES:
+        raise bad_request(f"Unknown target type '{target[:60]}' in {name}", expression=[name])
+    if param != "*":
+        sp = params_for(source).get(param)
+        if sp is None or sp.type != "reference":
+            raise grammar.not_supported(f"'{param[:60]}' is not a reference parameter of {source}", name)
+        if target and sp.targets and target not in sp.targets:
+            raise bad_request(f"{source}.{param} does not refer to {target}", expression=[name])
+    return Include(source, param, target, iterate, reverse)
+
+
+def _result_param(result: CompiledSearch, resource_type: str | None, raw_name: str, value: str, max_count: int) -> None:
+    name = raw_name.partition(":")[0]
+    if name in ("_include", "_revinclude"):
+        result.includes.append(parse_include(raw_name, value))
+    elif name == "_count":
+        result.count = _int_param(name, value, max_count)
     elif name == "_offset":
-        result.offset = _int_param(name, value, 0, 10**9)
+        result.offset = _int_param(name, value, 10**9)
     elif name == "_sort":
-        result.sort = _sort_keys(resource_type, value)
+        result.sort = sort_keys(resource_type, value)
+    elif name == "_cursor":
+        result.cursor_token = value
     elif name == "_summary":
         if value not in ("true", "false", "text", "data", "count"):
             raise bad_request(f"Invalid _summary '{value[:20]}'", expression=["_summary"])
@@ -356,3 +465,8 @@ def _result_param(
         if value not in ("none", "estimate", "accurate"):
             raise bad_request(f"Invalid _total '{value[:20]}'", expression=["_total"])
         result.total = value
+    elif name == "_contained":
+        if value != "false":
+            raise grammar.not_supported("Searching contained resources (_contained) is not supported", name)
+    elif name == "_containedType":
+        raise grammar.not_supported("_containedType is not supported", name)

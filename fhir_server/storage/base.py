@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -20,6 +20,8 @@ class Stored:
     deleted: bool
     raw: bytes | None
     method: str = "PUT"
+    # Search index values asked for by a search (``index_fields``), by parameter code.
+    index: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -58,10 +60,23 @@ class UnitOfWork(Protocol):
     async def current(self, type_: str, id_: str) -> Stored | None: ...
 
     async def find(
-        self, type_: str, query: dict[str, Any], limit: int, *, sort: Sequence[tuple[str, int]] = (), skip: int = 0
+        self,
+        type_: str,
+        query: dict[str, Any],
+        limit: int,
+        *,
+        sort: Sequence[tuple[str, int]] = (),
+        skip: int = 0,
+        index_fields: Sequence[str] = (),
     ) -> list[Stored]: ...
 
     async def count(self, type_: str, query: dict[str, Any]) -> int: ...
+
+    async def find_ids(self, type_: str, query: dict[str, Any], limit: int) -> list[str]: ...
+
+    async def distinct(self, type_: str, query: dict[str, Any], field: str, limit: int) -> list[Any]: ...
+
+    async def types(self) -> set[str]: ...
 
     async def existing_ids(self, type_: str, ids: set[str]) -> set[str]: ...
 
@@ -85,9 +100,25 @@ class Store(Protocol):
         sort: Sequence[tuple[str, int]] = (),
         limit: int,
         skip: int = 0,
-    ) -> list[Stored]: ...
+        index_fields: Sequence[str] = (),
+    ) -> list[Stored]:
+        """Live resources matching ``query`` (a filter on the search index ``s``, ``_id`` and ``t``),
+        with the index values of ``index_fields`` when asked."""
+        ...
 
     async def count(self, type_: str, query: dict[str, Any]) -> int: ...
+
+    async def find_ids(self, type_: str, query: dict[str, Any], limit: int) -> list[str]:
+        """Ids of live resources matching ``query`` (at most ``limit``)."""
+        ...
+
+    async def distinct(self, type_: str, query: dict[str, Any], field: str, limit: int) -> list[Any]:
+        """The distinct values of index ``field`` over live resources matching ``query``."""
+        ...
+
+    async def types(self) -> set[str]:
+        """The resource types that have a collection (that may hold resources)."""
+        ...
 
     async def history(
         self,
@@ -106,4 +137,36 @@ class Store(Protocol):
 
     async def transact(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
         """Run ``work`` in one atomic unit; it is re-run from the start if another writer conflicts."""
+        ...
+
+    # -- re-indexing (search parameters registered at run time; fhir_server/search/reindex.py)
+
+    async def ensure_search_indexes(self, types: set[str]) -> None:
+        """Build the search indexes now wanted on the existing collections of ``types``."""
+        ...
+
+    async def drop_search_indexes(self, type_: str, names: Sequence[str]) -> None: ...
+
+    async def scan_for_reindex(
+        self, type_: str, *, after: str | None = None, ids: Sequence[str] | None = None, limit: int = 0
+    ) -> list[tuple[str, int, bytes, list[str] | None]]:
+        """(id, version, JSON, stored ``_refs``) of live resources in id order after ``after``, or among ``ids``."""
+        ...
+
+    async def set_search_values(self, type_: str, values: Sequence[tuple[str, int, dict[str, Any]]]) -> list[str]:
+        """Store search values where the version is unchanged; the ids whose version moved."""
+        ...
+
+    async def insert_job(self, job: dict[str, Any]) -> None: ...
+
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def update_job(self, job_id: str, fields: dict[str, Any], *, owner: str | None = None) -> bool: ...
+
+    async def claim_job(self, owner: str, stale_before: datetime, now: datetime) -> dict[str, Any] | None:
+        """Take over one unfinished job whose runner has not reported since ``stale_before``."""
+        ...
+
+    def watch(self, type_: str) -> AsyncIterator[Stored | None]:
+        """None once watching, then each committed version of a ``type_`` resource."""
         ...

@@ -16,9 +16,9 @@ import asyncio
 import base64
 import random
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-from pymongo import AsyncMongoClient, IndexModel, InsertOne, ReplaceOne
+from pymongo import AsyncMongoClient, IndexModel, InsertOne, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import BulkWriteError, CollectionInvalid, DocumentTooLarge, DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
@@ -43,7 +43,33 @@ def _as_utc(value: datetime) -> datetime:
 
 
 def _stored(type_: str, doc: dict[str, Any]) -> Stored:
-    return Stored(type_, doc["_id"], doc["v"], _as_utc(doc["t"]), doc["d"], doc.get("r"))
+    return Stored(type_, doc["_id"], doc["v"], _as_utc(doc["t"]), doc["d"], doc.get("r"), index=doc.get("s"))
+
+
+_NEGATIVE_OPS = frozenset({"$exists", "$not", "$nin", "$ne", "$nor"})
+
+
+def _selects_on_index(query: dict[str, Any]) -> bool:
+    """Whether ``query`` can only match documents with some search index value.
+
+    A deletion is stored with an empty index, so such a query never matches one and needs no
+    ``d: false`` condition, which would otherwise cost a document fetch per match (no count from
+    the index alone)."""
+    for key, cond in query.items():
+        if key == "$and":
+            if any(_selects_on_index(q) for q in cond):
+                return True
+        elif key == "$or":
+            if cond and all(_selects_on_index(q) for q in cond):
+                return True
+        elif key.startswith("s."):
+            if not isinstance(cond, dict) or not (_NEGATIVE_OPS & cond.keys()):
+                return True
+    return False
+
+
+def _live(query: dict[str, Any]) -> dict[str, Any]:
+    return query if _selects_on_index(query) else {**query, "d": False}
 
 
 def _stored_history(doc: dict[str, Any]) -> Stored:
@@ -136,9 +162,12 @@ class MongoStore:
         sort: Sequence[tuple[str, int]] = (),
         limit: int,
         skip: int = 0,
+        index_fields: Sequence[str] = (),
         session: AsyncClientSession | None = None,
     ) -> list[Stored]:
-        cursor = self._db[type_].find({**query, "d": False}, _CURRENT_FIELDS, session=session)
+        fields: dict[str, int] = dict(_CURRENT_FIELDS)
+        fields.update(("s." + f, 1) for f in index_fields)
+        cursor = self._db[type_].find(_live(query), fields, session=session)
         if sort:
             cursor = cursor.sort(list(sort))
         if skip:
@@ -148,7 +177,36 @@ class MongoStore:
         return [_stored(type_, d) async for d in cursor]
 
     async def count(self, type_: str, query: dict[str, Any], *, session: AsyncClientSession | None = None) -> int:
-        return await self._db[type_].count_documents({**query, "d": False}, session=session)
+        if session is None and type_ in self._types:
+            # The count command counts from the index alone where it can (COUNT_SCAN); the
+            # aggregation behind count_documents fetches. It is not allowed in transactions.
+            reply = await self._db.command("count", type_, query=_live(query))
+            return int(reply["n"])
+        return await self._db[type_].count_documents(_live(query), session=session)
+
+    async def find_ids(
+        self, type_: str, query: dict[str, Any], limit: int, *, session: AsyncClientSession | None = None
+    ) -> list[str]:
+        cursor = self._db[type_].find(_live(query), {"_id": 1}, session=session).limit(limit)
+        return [d["_id"] async for d in cursor]
+
+    async def distinct(
+        self, type_: str, query: dict[str, Any], field: str, limit: int, *, session: AsyncClientSession | None = None
+    ) -> list[Any]:
+        path = "$s." + field
+        pipeline = [
+            {"$match": _live(query)},
+            {"$project": {"_id": 0, "x": path}},
+            {"$unwind": "$x"},
+            {"$group": {"_id": "$x"}},
+            {"$limit": limit},
+        ]
+        cursor = await self._db[type_].aggregate(pipeline, session=session)
+        return [d["_id"] async for d in cursor]
+
+    async def types(self) -> set[str]:
+        self._types |= {n for n in await self._db.list_collection_names() if n[:1].isupper()}
+        return set(self._types)
 
     async def history(
         self,
@@ -256,6 +314,103 @@ class MongoStore:
                     continue
                 raise
 
+    # -- re-indexing ---------------------------------------------------------------------
+    # For search parameters registered at run time (fhir_server/search/reindex.py): indexes on
+    # existing collections, recomputed search values, the `_jobs` records that track progress,
+    # and the change stream that tells every worker about new SearchParameters.
+
+    _JOBS = "_jobs"
+
+    async def ensure_search_indexes(self, types: set[str]) -> None:
+        """Build the search indexes ``indexes_for`` names now on the existing collections of
+        ``types`` (ensure_types builds them only with a new collection); rebuild changed ones."""
+        for type_ in sorted(types & await self.types()):
+            coll = self._db[type_]
+            have = {ix["name"]: [(k, int(d)) for k, d in ix["key"].items()] async for ix in await coll.list_indexes()}
+            for name, keys in self._indexes_for(type_):
+                want = [(k, int(d)) for k, d in keys]
+                if have.get(name) == want:
+                    continue
+                if name in have:  # same parameter code, another type (say string -> token)
+                    await self.drop_search_indexes(type_, [name])
+                try:
+                    await coll.create_index(want, name=name, sparse=True)
+                except OperationFailure as e:
+                    if e.code not in (85, 86):  # IndexOptionsConflict/IndexKeySpecsConflict: a racing worker
+                        raise
+
+    async def drop_search_indexes(self, type_: str, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                await self._db[type_].drop_index(name)
+            except OperationFailure as e:
+                if e.code not in (26, 27):  # NamespaceNotFound, IndexNotFound: nothing to drop
+                    raise
+
+    async def scan_for_reindex(
+        self, type_: str, *, after: str | None = None, ids: Sequence[str] | None = None, limit: int = 0
+    ) -> list[tuple[str, int, bytes, list[str] | None]]:
+        """(id, version, JSON, stored ``_refs``) of live resources in ``_id`` order after ``after``,
+        or of those among ``ids``."""
+        query: dict[str, Any] = {"d": False}
+        if ids is not None:
+            query["_id"] = {"$in": list(ids)}
+        elif after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self._db[type_].find(query, {"v": 1, "r": 1, "s._refs": 1}).sort("_id", 1)
+        if limit:
+            cursor = cursor.limit(limit)
+        return [(d["_id"], d["v"], d["r"], d.get("s", {}).get("_refs")) async for d in cursor]
+
+    async def set_search_values(self, type_: str, values: Sequence[tuple[str, int, dict[str, Any]]]) -> list[str]:
+        """Replace ``s`` of each (id, version, s) whose version is still the current one; the ids
+        whose version moved (a concurrent write indexed them itself, perhaps without a new parameter)."""
+        if not values:
+            return []
+        ops = [UpdateOne({"_id": id_, "v": v, "d": False}, {"$set": {"s": index}}) for id_, v, index in values]
+        result = await self._db[type_].bulk_write(ops, ordered=False)
+        if result.matched_count == len(values):
+            return []
+        wanted = {id_: v for id_, v, _ in values}
+        cursor = self._db[type_].find({"_id": {"$in": list(wanted)}}, {"v": 1})
+        return [d["_id"] async for d in cursor if d["v"] != wanted[d["_id"]]]
+
+    async def insert_job(self, job: dict[str, Any]) -> None:
+        await self._db[self._JOBS].insert_one(job)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return await self._db[self._JOBS].find_one({"_id": job_id})
+
+    async def update_job(self, job_id: str, fields: dict[str, Any], *, owner: str | None = None) -> bool:
+        """Set ``fields`` of a job (only while ``owner`` runs it, when given); False when it did not."""
+        query: dict[str, Any] = {"_id": job_id}
+        if owner is not None:
+            query["owner"] = owner
+        return (await self._db[self._JOBS].update_one(query, {"$set": fields})).matched_count == 1
+
+    async def claim_job(self, owner: str, stale_before: datetime, now: datetime) -> dict[str, Any] | None:
+        """Take over one unfinished job whose runner has not reported since ``stale_before``."""
+        return await self._db[self._JOBS].find_one_and_update(
+            {"status": {"$in": ["queued", "running"]}, "hb": {"$lt": stale_before}},
+            {"$set": {"owner": owner, "hb": now}},
+            sort=[("started", 1)],
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def watch(self, type_: str) -> AsyncIterator[Stored | None]:
+        """The versions of ``type_`` resources as they commit: first None, once the change stream is
+        open (nothing committed after that is missed), then each new current version (``raw`` None
+        when deleted; version 0 for a document removed outright, which the server never does)."""
+        pipeline = [{"$match": {"operationType": {"$in": ["insert", "replace", "update", "delete"]}}}]
+        async with await self._db[type_].watch(pipeline, full_document="updateLookup") as stream:
+            yield None
+            async for change in stream:
+                doc = change.get("fullDocument")
+                if doc is None:
+                    yield Stored(type_, change["documentKey"]["_id"], 0, datetime.now(timezone.utc), True, None)
+                else:
+                    yield _stored(type_, doc)
+
 
 def _is_conflict(e: PyMongoError) -> bool:
     if e.has_error_label("TransientTransactionError"):
@@ -296,14 +451,34 @@ class MongoUnit:
         return _stored(type_, doc) if doc else None
 
     async def find(
-        self, type_: str, query: dict[str, Any], limit: int, *, sort: Sequence[tuple[str, int]] = (), skip: int = 0
+        self,
+        type_: str,
+        query: dict[str, Any],
+        limit: int,
+        *,
+        sort: Sequence[tuple[str, int]] = (),
+        skip: int = 0,
+        index_fields: Sequence[str] = (),
     ) -> list[Stored]:
         await self.flush()
-        return await self._store.find(type_, query, sort=sort, limit=limit, skip=skip, session=self._session)
+        return await self._store.find(
+            type_, query, sort=sort, limit=limit, skip=skip, index_fields=index_fields, session=self._session
+        )
 
     async def count(self, type_: str, query: dict[str, Any]) -> int:
         await self.flush()
         return await self._store.count(type_, query, session=self._session)
+
+    async def find_ids(self, type_: str, query: dict[str, Any], limit: int) -> list[str]:
+        await self.flush()
+        return await self._store.find_ids(type_, query, limit, session=self._session)
+
+    async def distinct(self, type_: str, query: dict[str, Any], field: str, limit: int) -> list[Any]:
+        await self.flush()
+        return await self._store.distinct(type_, query, field, limit, session=self._session)
+
+    async def types(self) -> set[str]:
+        return await self._store.types()
 
     async def existing_ids(self, type_: str, ids: set[str]) -> set[str]:
         """Those of ``ids`` that are live resources of ``type_``."""

@@ -1,0 +1,110 @@
+"""``_include`` and ``_revinclude`` (search.html#include): the resources a page's matches refer to,
+and those that refer to them, fetched by index in a few queries per round.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+from fhir_server.search.extract import local_reference
+from fhir_server.search.parameters import params_for
+from fhir_server.search.query import Include
+from fhir_server.storage.base import Stored
+
+# Rounds of :iterate; real graphs (Observation → Patient → Organization → ...) are shallow.
+_MAX_ROUNDS = 4
+
+
+class _Finder(Protocol):
+    async def find(self, type_: str, query: dict[str, Any], limit: int, **kw: Any) -> list[Stored]: ...
+
+
+def _fields_for(includes: Sequence[Include], type_: str) -> list[str]:
+    codes: set[str] = set()
+    for inc in includes:
+        if inc.reverse or inc.source not in ("*", type_):
+            continue
+        codes.add("_refs" if inc.param == "*" else inc.param)
+    return sorted(codes)
+
+
+def _targets_of(stored: Stored, inc: Include) -> list[str]:
+    if inc.source not in ("*", stored.type):
+        return []
+    values = (stored.index or {}).get("_refs" if inc.param == "*" else inc.param) or ()
+    out = []
+    for v in values:
+        ref = local_reference(v) if isinstance(v, str) else None
+        if ref and (inc.target is None or ref.startswith(inc.target + "/")):
+            out.append(ref)
+    return out
+
+
+async def resolve(
+    store: _Finder, matches: list[Stored], includes: Sequence[Include], limit: int
+) -> tuple[list[Stored], bool]:
+    """The resources ``includes`` add to ``matches`` (none of the matches again), and whether
+    ``limit`` cut them short."""
+    seen = {f"{s.type}/{s.id}" for s in matches}
+    added: list[Stored] = []
+    frontier = list(matches)
+    truncated = False
+    for round_ in range(_MAX_ROUNDS):
+        active = [inc for inc in includes if round_ == 0 or inc.iterate]
+        if not active or not frontier:
+            break
+        found: list[Stored] = []
+        # Forward: collect the references of the frontier, fetch them by id, type by type.
+        wanted: dict[str, set[str]] = {}
+        for s in frontier:
+            for inc in active:
+                if inc.reverse:
+                    continue
+                for ref in _targets_of(s, inc):
+                    if ref not in seen:
+                        type_, _, id_ = ref.partition("/")
+                        wanted.setdefault(type_, set()).add(id_)
+        for type_, ids in sorted(wanted.items()):
+            room = limit - len(added) - len(found)
+            if room <= 0:
+                truncated = True
+                break
+            if type_ not in _known_types():
+                continue
+            fields = _fields_for([i for i in includes if i.iterate], type_)
+            got = await store.find(type_, {"_id": {"$in": sorted(ids)}}, limit=room + 1, index_fields=fields)
+            if len(got) > room:
+                truncated, got = True, got[:room]
+            found.extend(got)
+        # Reverse: resources of the source type whose parameter refers to the frontier.
+        for inc in active:
+            if not inc.reverse:
+                continue
+            sp = params_for(inc.source).get(inc.param)
+            keys = sorted(
+                {f"{s.type}/{s.id}" for s in frontier if inc.target is None or s.type == inc.target}
+                & ({f"{s.type}/{s.id}" for s in frontier if not sp or not sp.targets or s.type in sp.targets})
+            )
+            room = limit - len(added) - len(found)
+            if not keys or room <= 0:
+                truncated = truncated or (bool(keys) and room <= 0)
+                continue
+            fields = _fields_for([i for i in includes if i.iterate], inc.source)
+            got = await store.find(inc.source, {"s." + inc.param: {"$in": keys}}, limit=room + 1, index_fields=fields)
+            if len(got) > room:
+                truncated, got = True, got[:room]
+            found.extend(got)
+        frontier = []
+        for s in found:
+            key = f"{s.type}/{s.id}"
+            if key not in seen:
+                seen.add(key)
+                added.append(s)
+                frontier.append(s)
+    return added, truncated
+
+
+def _known_types() -> frozenset[str]:
+    from fhir_server.definitions import RESOURCE_TYPES
+
+    return frozenset(RESOURCE_TYPES)
