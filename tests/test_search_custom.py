@@ -275,6 +275,19 @@ async def test_duplicates_are_refused_drafts_stored_but_not_used(own: Own) -> No
     assert (await c.delete(f"/SearchParameter/{first['id']}")).status_code in (200, 204)
 
 
+async def test_an_update_may_change_the_url(own: Own) -> None:
+    c = own.client
+    sp = await _create(c, _sp("hukou", "Patient.extension.where(url='http://example.org/hukou').value"))
+    moved = {**sp, "url": sp["url"] + "-v2"}
+    r = await c.put(f"/SearchParameter/{sp['id']}", json=moved)
+    assert r.status_code == 200, r.text
+    urls = {p.url for p in custom_parameters()}
+    assert moved["url"] in urls and sp["url"] not in urls
+    assert params_for("Patient")["hukou"].url == moved["url"]
+    assert (await c.delete(f"/SearchParameter/{sp['id']}")).status_code in (200, 204)
+    assert "hukou" not in params_for("Patient")
+
+
 async def test_retire_and_delete_unregister(own: Own) -> None:
     c, db = own.client, own.db
     sp = await _create(c, _sp("health-tag", f"Patient.extension.where(url='{HEALTH_TAG_EXT}').value.as(Coding)"))

@@ -1432,3 +1432,28 @@ async def test_concurrent_searches_agree(synthea: Loaded) -> None:
     for k, (got, _) in zip(cases, results):
         may = k.may if k.may is not None else k.must
         assert k.must <= set(got) <= may
+
+
+async def test_paging_sorted_with_many_ties(synthea: Loaded) -> None:
+    """Cursor paging over a sort key with many ties (vital signs share their timestamps): every
+    match exactly once, and in order."""
+    c = synthea.corpus
+    expected = where(c, "Observation", lambda r: has_code(r, f"{OBS_CAT}|vital-signs", "category"))
+    got = await _sorted_matches(
+        synthea, "/Observation", [("category", f"{OBS_CAT}|vital-signs"), ("_sort", "-date"), ("_count", "500")]
+    )
+    uuids = [c.uuid_of[f"Observation/{r['id']}"] for r in got]
+    assert len(uuids) == len(set(uuids)) and set(uuids) == expected
+    keys = [date_interval(c.resources[u]["effectiveDateTime"])[0] for u in uuids]
+    assert keys == sorted(keys, reverse=True)
+
+
+async def test_sort_by_quantity_descending(synthea: Loaded) -> None:
+    c = synthea.corpus
+    got = await _sorted_matches(
+        synthea, "/Observation", [("code", WEIGHT), ("_sort", "-value-quantity"), ("_count", "300")]
+    )
+    uuids = [c.uuid_of[f"Observation/{r['id']}"] for r in got]
+    assert set(uuids) == where(c, "Observation", lambda r: has_code(r, WEIGHT))
+    values = [value_of(c.resources[u]) for u in uuids]
+    assert values == sorted(values, reverse=True)  # type: ignore[type-var]

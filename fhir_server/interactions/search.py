@@ -75,11 +75,12 @@ async def _search(settings: Settings, store: Store | UnitOfWork, req: FhirReques
     else:
         found, has_more, before = await _keyset_page(store, compiled, cursor)
     total: int | None = None
-    if total_mode != "none":
-        if cursor is None and not first.offset and not has_more:
-            total = len(found)
-        else:
-            total = sum([await store.count(t, c.filter) for t, c in compiled.items()])
+    if cursor is None and not first.offset and not has_more:
+        total = len(found) if total_mode != "none" else None
+    elif total_mode == "accurate" and (first.total == "accurate" or cursor is None):
+        # Later pages repeat the count only when asked (_total=accurate): a client walking
+        # 20,000 results needs it once, and it costs as much as the page itself.
+        total = sum([await store.count(t, c.filter) for t, c in compiled.items()])
     included: list[Stored] = []
     if first.includes and found:
         included, truncated = await include.resolve(store, found, first.includes, settings.max_include)

@@ -86,8 +86,10 @@ async def check_search_parameter(tx: Tx, resource: dict[str, Any], previous: Sto
     """Pre-store hook: refuse a SearchParameter in force that cannot be used."""
     if resource["resourceType"] != _TYPE or not in_force(resource):
         return
+    before = orjson.loads(previous.raw) if previous is not None and previous.raw else {}
+    replacing = before.get("url") if in_force(before) else None
     try:
-        sp = check_custom(resource)
+        sp = check_custom(resource, replacing=replacing)
     except UnusableSearchParameter as e:
         raise FhirError(400, [Issue(e.code, str(e), expression=(e.element,), details_zh=e.zh)]) from None
     # The registry of this worker may lag behind the database; the database decides, and the
@@ -131,7 +133,7 @@ def _apply(scope: _Scope, id_: str, version: int, raw: bytes | None) -> SearchPa
     new: SearchParam | None = None
     if resource is not None and in_force(resource):
         try:
-            new = register_custom(resource)
+            new = register_custom(resource, replacing=old_url)
             scope.urls[id_] = new.url
         except UnusableSearchParameter as e:  # stored before a conflicting one, or by an older server
             log.warning("SearchParameter/%s is not usable and is ignored: %s", id_, e)

@@ -120,8 +120,9 @@ class UnusableSearchParameter(ValueError):
         self.code = code
 
 
-def check_custom(resource: dict[str, Any]) -> SearchParam:
-    """The :class:`SearchParam` a SearchParameter resource defines, or UnusableSearchParameter."""
+def check_custom(resource: dict[str, Any], *, replacing: str | None = None) -> SearchParam:
+    """The :class:`SearchParam` a SearchParameter resource defines, or UnusableSearchParameter.
+    ``replacing``: the url this resource registered before (an update may change the url)."""
     from fhir_server.definitions import RESOURCE_TYPES
 
     def bad(message: str, element: str, zh: str) -> UnusableSearchParameter:
@@ -185,7 +186,7 @@ def check_custom(resource: dict[str, Any]) -> SearchParam:
                     f"检索代码 {code} 与 {base} 的内置检索参数冲突",
                 )
         for other in _custom.values():
-            if other.url != url and other.code == code and base in other.base:
+            if other.url not in (url, replacing) and other.code == code and base in other.base:
                 raise bad(
                     f"Code {code!r} is already used on {base} by the custom search parameter {other.url}",
                     "code",
@@ -278,10 +279,11 @@ def _root(part: str) -> str:
     return match.group(1) if match else ""
 
 
-def register_custom(resource: dict[str, Any]) -> SearchParam:
+def register_custom(resource: dict[str, Any], *, replacing: str | None = None) -> SearchParam:
     """Check a SearchParameter resource and make its parameter searchable and indexed (replacing
-    the one registered under the same url). Raises UnusableSearchParameter (a ValueError)."""
-    sp = check_custom(resource)
+    the one registered under the same url). Raises UnusableSearchParameter (a ValueError).
+    ``replacing``: the url this resource registered before, if it changed; unregister it after."""
+    sp = check_custom(resource, replacing=replacing)
     if _custom.get(sp.url) != sp:
         _custom[sp.url] = sp
         _changed()

@@ -225,10 +225,10 @@ def _last_updated_clause(name: str, modifier: str | None, value: str) -> Conditi
 async def _token_clause(ctx: _Context, sp: SearchParam, name: str, modifier: str | None, values: list[str]) -> Condition:
     path = "s." + sp.code
     if modifier is None:
-        return _or([{path: clauses.token_value(name, v)} for v in values])
+        return _or([_token_match(path, name, v) for v in values])
     if modifier == "not":
         # Resources with none of the values, including those with no value at all.
-        return {"$nor": [{path: clauses.token_value(name, v)} for v in values]}
+        return {"$nor": [_token_match(path, name, v) for v in values]}
     if modifier == "text":
         return _or(
             [{path + ":text": {"$regex": r"(?:^|\s)" + re.escape(normalize_string(grammar.unescape(v)))}} for v in values]
@@ -262,6 +262,16 @@ async def _token_clause(ctx: _Context, sp: SearchParam, name: str, modifier: str
             codes.update(f"{parts[0]}|{c}" for c in related)
         return {path: {"$in": sorted(codes)}}
     raise grammar.unsupported_modifier(name, modifier)
+
+
+def _token_match(path: str, name: str, value: str) -> Condition:
+    token = clauses.token_value(name, value)
+    system, _, code = token.partition("|") if isinstance(token, str) else ("", "", "")
+    if code and system.startswith("http://hl7.org/fhir/") and not system.startswith("http://hl7.org/fhir/sid/"):
+        # A `code` element (Patient.gender, Observation.status) holds its code without a system:
+        # the system is implied by its binding, always to an HL7 code system in R4.
+        return _coded_in(path, {(system, code)})
+    return {path: token}
 
 
 def _coded_in(path: str, members: set[tuple[str, str]]) -> Condition:

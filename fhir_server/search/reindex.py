@@ -92,14 +92,13 @@ class Reindexer:
         """Record a job over ``types`` (default: every type with a collection) and run it in the
         background after ``delay`` seconds. ``params`` (SearchParameter urls, none meaning all)
         says why; every value of the resources is recomputed either way."""
-        if types is None:
-            types = await self._store.types()
+        chosen = set(types) if types is not None else await self._store.types()
         now = _now()
         job: Job = {
             "_id": _job_id(),
             "kind": "reindex",
             "params": list(params),
-            "types": sorted(set(types)),
+            "types": sorted(chosen),
             "total": None,
             "done": 0,
             "status": "queued",
@@ -149,7 +148,11 @@ class Reindexer:
                 await asyncio.sleep(delay)
             job = await self._store.job(job_id)
             if job is not None:
-                await self._work(job)
+                beat = asyncio.create_task(self._beat(job_id), name=f"reindex-beat-{job_id}")
+                try:
+                    await self._work(job)
+                finally:
+                    beat.cancel()
         except asyncio.CancelledError:
             raise  # left ``running``: the next sweep (here or in another server) resumes it
         except Exception as e:
@@ -159,6 +162,16 @@ class Reindexer:
                 await self._store.update_job(job_id, fields, owner=self.owner)
             except Exception:
                 log.warning("could not record the failure of re-index job %s", job_id, exc_info=True)
+
+    async def _beat(self, job_id: str) -> None:
+        """Report the job alive between batches too: building an index on a large collection
+        takes longer than ``stale_after``, and a silent job would be taken over."""
+        while True:
+            await asyncio.sleep(self._stale_after / 4)
+            try:
+                await self._store.update_job(job_id, {"hb": _now()}, owner=self.owner)
+            except Exception:  # the next beat (or batch) tries again
+                log.debug("heartbeat of re-index job %s failed", job_id, exc_info=True)
 
     async def _work(self, job: Job) -> None:
         store, job_id, owner = self._store, job["_id"], self.owner

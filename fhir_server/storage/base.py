@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -167,6 +167,6 @@ class Store(Protocol):
         """Take over one unfinished job whose runner has not reported since ``stale_before``."""
         ...
 
-    def watch(self, type_: str) -> AsyncIterator[Stored | None]:
+    def watch(self, type_: str) -> AsyncGenerator[Stored | None, None]:
         """None once watching, then each committed version of a ``type_`` resource."""
         ...

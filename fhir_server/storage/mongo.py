@@ -16,7 +16,7 @@ import asyncio
 import base64
 import random
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Callable, Sequence, TypeVar
 
 from pymongo import AsyncMongoClient, IndexModel, InsertOne, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -167,6 +167,8 @@ class MongoStore:
     ) -> list[Stored]:
         fields: dict[str, int] = dict(_CURRENT_FIELDS)
         fields.update(("s." + f, 1) for f in index_fields)
+        if sum(1 for f, _ in sort if f.startswith("s.")) > 1:
+            return await self._find_by_computed_keys(type_, query, sort, limit, skip, fields, session)
         cursor = self._db[type_].find(_live(query), fields, session=session)
         if sort:
             cursor = cursor.sort(list(sort))
@@ -174,6 +176,31 @@ class MongoStore:
             cursor = cursor.skip(skip)
         if limit:
             cursor = cursor.limit(limit)
+        return [_stored(type_, d) async for d in cursor]
+
+    async def _find_by_computed_keys(
+        self,
+        type_: str,
+        query: dict[str, Any],
+        sort: Sequence[tuple[str, int]],
+        limit: int,
+        skip: int,
+        fields: dict[str, int],
+        session: AsyncClientSession | None,
+    ) -> list[Stored]:
+        # MongoDB refuses to sort a find by two array fields ("parallel arrays"); computing each
+        # key as find would (smallest element ascending, largest descending) sorts the same way.
+        keys = {f"_k{i}": {"$min" if d == 1 else "$max": "$" + f} for i, (f, d) in enumerate(sort) if f.startswith("s.")}
+        order: dict[str, int] = {}
+        for i, (f, d) in enumerate(sort):
+            order[f"_k{i}" if f.startswith("s.") else f] = d
+        pipeline: list[dict[str, Any]] = [{"$match": _live(query)}, {"$addFields": keys}, {"$sort": order}]
+        if skip:
+            pipeline.append({"$skip": skip})
+        if limit:
+            pipeline.append({"$limit": limit})
+        pipeline.append({"$project": fields})
+        cursor = await self._db[type_].aggregate(pipeline, session=session, allowDiskUse=True)
         return [_stored(type_, d) async for d in cursor]
 
     async def count(self, type_: str, query: dict[str, Any], *, session: AsyncClientSession | None = None) -> int:
@@ -397,7 +424,7 @@ class MongoStore:
             return_document=ReturnDocument.AFTER,
         )
 
-    async def watch(self, type_: str) -> AsyncIterator[Stored | None]:
+    async def watch(self, type_: str) -> AsyncGenerator[Stored | None, None]:
         """The versions of ``type_`` resources as they commit: first None, once the change stream is
         open (nothing committed after that is missed), then each new current version (``raw`` None
         when deleted; version 0 for a document removed outright, which the server never does)."""
