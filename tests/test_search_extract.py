@@ -95,7 +95,8 @@ def test_composite_with_range_alternative_and_reference_component() -> None:
     s = index_resource(plan)
     ctx = "http://terminology.hl7.org/CodeSystem/usage-context-type"
     assert s["context-type-quantity"] == [{"c0": [f"{ctx}|age", "age"], "c1": [{"v": 65.0, "s": UCUM, "c": "a", "u": "a"}]}]
-    assert s["context-type-value"] == [{"c0": [f"{ctx}|focus", "focus"], "c1": ["http://snomed.info/sct|38341003", "38341003"]}]
+    sct = ["http://snomed.info/sct|38341003", "38341003"]
+    assert s["context-type-value"] == [{"c0": [f"{ctx}|focus", "focus"], "c1": sct}]
 
     doc = {
         "resourceType": "DocumentReference",
@@ -105,8 +106,8 @@ def test_composite_with_range_alternative_and_reference_component() -> None:
     }
     # R4 names the two components' definitions the wrong way round; the values follow the paths.
     assert index_resource(doc)["relationship"] == [{"c0": ["replaces"], "c1": ["DocumentReference/old"]}]
-    kinds = [c.type for c, _ in extract.composite_components(params_for("DocumentReference")["relationship"], "DocumentReference")]
-    assert kinds == ["token", "reference"]
+    components = extract.composite_components(params_for("DocumentReference")["relationship"], "DocumentReference")
+    assert [c.type for c, _ in components or ()] == ["token", "reference"]
 
 
 def test_composite_component_from_the_resource() -> None:
@@ -135,7 +136,7 @@ def test_token_text_values() -> None:
     patient = {
         "resourceType": "Patient",
         "identifier": [
-            {"type": {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record number"}], "text": "病历号"},
+            {"type": {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record"}], "text": "病历号"},
              "system": "urn:oid:2.16.156.10011.1.13", "value": "12345"},
             {"type": {"text": "病历号"}, "value": "678"},
         ],
@@ -200,7 +201,9 @@ def test_canonical_with_version() -> None:
         "resourceType": "QuestionnaireResponse",
         "status": "completed",
         "questionnaire": "http://example.org/Questionnaire/phq9|2.0",
-        "meta": {"profile": ["http://example.org/StructureDefinition/qr|1.1", "http://example.org/StructureDefinition/plain"]},
+        "meta": {
+            "profile": ["http://example.org/StructureDefinition/qr|1.1", "http://example.org/StructureDefinition/plain"]
+        },
     }
     s = index_resource(response)
     assert s["questionnaire"] == ["http://example.org/Questionnaire/phq9|2.0", "http://example.org/Questionnaire/phq9"]
@@ -238,7 +241,8 @@ def test_pinyin_of_family_and_given_without_text() -> None:
 
 
 def test_pinyin_entries_have_no_exact_form() -> None:
-    s = index_resource({"resourceType": "RelatedPerson", "patient": {"reference": "Patient/p"}, "name": [{"text": "李四"}]})
+    person = {"resourceType": "RelatedPerson", "patient": {"reference": "Patient/p"}, "name": [{"text": "李四"}]}
+    s = index_resource(person)
     exact = [e for e in s["name"] if "x" in e]
     assert exact == [{"n": "李四", "x": "李四"}]
     assert [e for e in s["name"] if "x" not in e] == [{"n": "lisi"}, {"n": "ls"}]
@@ -251,7 +255,8 @@ def test_pinyin_only_for_names_of_people() -> None:
     ]
     s = index_resource({"resourceType": "Patient", "address": [{"city": "上海"}]})
     assert s["address-city"] == [{"n": "上海", "x": "上海"}]
-    assert index_resource({"resourceType": "Organization", "name": "瑞金医院"})["name"] == [{"n": "瑞金医院", "x": "瑞金医院"}]
+    organization = {"resourceType": "Organization", "name": "瑞金医院"}
+    assert index_resource(organization)["name"] == [{"n": "瑞金医院", "x": "瑞金医院"}]
     s = index_resource({"resourceType": "Person", "name": [{"text": "王五"}]})
     assert {"n": "wangwu"} in s["name"]
 
@@ -313,7 +318,7 @@ def extra_param(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def test_custom_parameter_falls_back_to_fhirpath(extra_param: Any) -> None:
     expression = "Patient.name.where(use = 'official').family.first() | Patient.name.given.last()"
     assert extract._compile(expression, "Patient") is None  # first() and last() are not compiled
-    extra_param("Patient", SearchParam("official-family", "string", expression, (), "http://example.org/sp/of", base=("Patient",)))
+    extra_param("Patient", SearchParam("official-family", "string", expression, (), "http://x/sp/of", base=("Patient",)))
     patient = {
         "resourceType": "Patient",
         "name": [{"use": "usual", "family": "Wang"}, {"use": "official", "family": "Li", "given": ["Lei", "Ming"]}],
@@ -326,15 +331,16 @@ def test_custom_parameter_falls_back_to_fhirpath(extra_param: Any) -> None:
 
 def test_fallback_resolves_choice_elements(extra_param: Any) -> None:
     expression = "Observation.value.ofType(Quantity).where(value > 100)"
-    extra_param("Observation", SearchParam("high-value", "quantity", expression, (), "http://example.org/sp/hv", base=("Observation",)))
-    high = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueQuantity": {"value": 120, "unit": "mg"}}
+    high_value = SearchParam("high-value", "quantity", expression, (), "http://x/sp/hv", base=("Observation",))
+    extra_param("Observation", high_value)
+    high = {"resourceType": "Observation", "code": {"text": "x"}, "valueQuantity": {"value": 120, "unit": "mg"}}
     low = {**high, "valueQuantity": {"value": 80, "unit": "mg"}}
     assert index_resource(high)["high-value"] == [{"v": 120.0, "u": "mg"}]
     assert "high-value" not in index_resource(low)
 
 
 def test_unusable_custom_expression_does_not_break_writes(extra_param: Any) -> None:
-    extra_param("Patient", SearchParam("broken", "token", "Patient.name.where(", (), "http://example.org/sp/b", base=("Patient",)))
+    extra_param("Patient", SearchParam("broken", "token", "Patient.name.where(", (), "http://x/sp/b", base=("Patient",)))
     s = index_resource({"resourceType": "Patient", "gender": "female"})
     assert s["gender"] == ["female"] and "broken" not in s
 
@@ -351,10 +357,13 @@ def test_parameter_changes_clear_derived_caches() -> None:
 
 def test_r4_expressions_the_compiled_path_now_covers() -> None:
     # `(Observation.value as CodeableConcept).text` continues after a cast; `name | alias` has no type.
-    obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueCodeableConcept": {"text": "阳性"}}
+    obs = {"resourceType": "Observation", "code": {"text": "x"}, "valueCodeableConcept": {"text": "阳性"}}
     assert index_resource(obs)["value-string"] == [{"n": "阳性", "x": "阳性"}]
     plan = {"resourceType": "InsurancePlan", "name": "城乡居民医保", "alias": ["居民医保"]}
-    assert index_resource(plan)["name"] == [{"n": "城乡居民医保", "x": "城乡居民医保"}, {"n": "居民医保", "x": "居民医保"}]
+    assert index_resource(plan)["name"] == [
+        {"n": "城乡居民医保", "x": "城乡居民医保"},
+        {"n": "居民医保", "x": "居民医保"},
+    ]
     assert extract._compile("Patient.deceased.exists() and Patient.deceased != false", "Patient") is None
     assert index_resource({"resourceType": "Patient"})["deceased"] == ["false"]
     assert index_resource({"resourceType": "Patient", "deceasedDateTime": "2020-01-01"})["deceased"] == ["true"]
@@ -363,7 +372,7 @@ def test_r4_expressions_the_compiled_path_now_covers() -> None:
 
 def test_a_choice_key_starts_exact_and_choice_readers() -> None:
     # valueQuantity is read as `value` (value-quantity) and exactly (the code-value-quantity composite).
-    obs = {"resourceType": "Observation", "status": "final", "code": {"coding": [{"code": "x"}]}, "valueQuantity": {"value": 1}}
+    obs = {"resourceType": "Observation", "code": {"coding": [{"code": "x"}]}, "valueQuantity": {"value": 1}}
     s = index_resource(obs)
     assert s["value-quantity"] == [{"v": 1.0}]
     assert s["code-value-quantity"] == [{"c0": ["|x", "x"], "c1": [{"v": 1.0}]}]
@@ -373,7 +382,8 @@ def test_a_choice_key_starts_exact_and_choice_readers() -> None:
 
 
 def test_encode_values_per_type() -> None:
-    assert encode_values("token", [{"coding": [{"system": "s", "code": "c"}, {"code": "c"}]}, True]) == ["s|c", "c", "|c", "true"]
+    concept = {"coding": [{"system": "s", "code": "c"}, {"code": "c"}]}
+    assert encode_values("token", [concept, True]) == ["s|c", "c", "|c", "true"]
     assert encode_values("string", [{"family": "Müller", "given": ["Ann"]}, "Ann"]) == [
         {"n": "muller", "x": "Müller"},
         {"n": "ann", "x": "Ann"},

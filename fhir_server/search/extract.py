@@ -24,8 +24,9 @@ from fhir_server.search.pinyin import has_cjk, pinyin_keys
 Extractor = Callable[[dict[str, Any]], list[Any]]
 # Evaluates a composite's component on one node of the composite; the resource is for %resource.
 NodeExtractor = Callable[[Any, dict[str, Any]], list[Any]]
-# Writes the values of one parameter, from the nodes its expression yields, into the `s` document.
-Store = Callable[[list[Any], dict[str, Any], dict[str, Any]], None]
+# Writes the values of one parameter, from the nodes its expression yields, into the `s` document;
+# the last argument is a memo of composite component values shared by one resource's composites.
+Store = Callable[[list[Any], dict[str, Any], dict[str, Any], dict[Any, Any]], None]
 
 _log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def _fhirpath_fallback(expression: str) -> Extractor:
 
     def run(resource: dict[str, Any]) -> list[Any]:
         try:
-            return [_plain(v) for v in compiled(resource)]
+            return [_plain(v) for v in compiled(resource, {})]
         except Exception:  # a FHIRPath evaluation error means "no value", not a failed write
             return []
 
@@ -622,7 +623,7 @@ _PINYIN_PARAMS: dict[str, frozenset[str]] = {
 
 
 def _store_values(code: str, kind: str, pinyin: bool = False) -> Store:
-    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any]) -> None:
+    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any], memo: dict[Any, Any]) -> None:
         values = encode_values(kind, nodes, pinyin=pinyin)
         if values:
             index[code] = values
@@ -633,7 +634,7 @@ def _store_values(code: str, kind: str, pinyin: bool = False) -> Store:
 def _store_token(code: str) -> Store:
     text_key = code + ":text"
 
-    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any]) -> None:
+    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any], memo: dict[Any, Any]) -> None:
         values: list[str] = []
         texts: list[str] = []
         for node in nodes:
@@ -646,31 +647,32 @@ def _store_token(code: str) -> Store:
     return store
 
 
-def _store_composite(code: str, parts: tuple[tuple[str, NodeExtractor], ...]) -> Store:
+def _store_composite(code: str, parts: tuple[tuple[str, str, NodeExtractor], ...]) -> Store:
     keys = tuple(f"c{i}" for i in range(len(parts)))
-    reversed_parts = parts[::-1]
+    # Components are tried last first: the value is missing more often than the code.
+    reversed_parts = tuple((f"{kind} {expression}", kind, extract) for kind, expression, extract in reversed(parts))
 
-    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any]) -> None:
+    def store(nodes: list[Any], resource: dict[str, Any], index: dict[str, Any], memo: dict[Any, Any]) -> None:
         entries = []
         for node in nodes:
             # A composite search names every component, so a node lacking one can never match:
             # storing it would only grow the index (every Observation has a code, few a string).
             found = []
-            for _, extract in reversed_parts:
-                values = extract(node, resource)
-                if not values:
+            for key, kind, extract in reversed_parts:
+                # Several composites read the same component of the same node (code-value-quantity
+                # and combo-code-value-quantity both read the Observation's code and value).
+                memo_key = (key, id(node))
+                seen = memo.get(memo_key)
+                if seen is None:
+                    values = extract(node, resource)
+                    # The node is kept with its values: its id must not be reused during the call.
+                    seen = memo[memo_key] = (node, encode_values(kind, values) if values else [])
+                encoded = seen[1]
+                if not encoded:
                     break
-                found.append(values)
+                found.append(encoded)
             else:
-                found.reverse()
-                entry = {}
-                for key, (kind, _), values in zip(keys, parts, found):
-                    encoded = encode_values(kind, values)
-                    if not encoded:
-                        break
-                    entry[key] = encoded
-                else:
-                    entries.append(entry)
+                entries.append(dict(zip(keys, reversed(found))))
         if entries:
             index[code] = entries
 
@@ -716,11 +718,11 @@ def composite_components(sp: SearchParam, resource_type: str) -> tuple[tuple[Sea
     return tuple(out) or None
 
 
-def _composite_parts(sp: SearchParam, resource_type: str) -> tuple[tuple[str, NodeExtractor], ...] | None:
+def _composite_parts(sp: SearchParam, resource_type: str) -> tuple[tuple[str, str, NodeExtractor], ...] | None:
     components = composite_components(sp, resource_type)
     if components is None:
         return None
-    return tuple((component.type, compile_relative(expression)) for component, expression in components)
+    return tuple((c.type, expression, compile_relative(expression)) for c, expression in components)
 
 
 def _plan_entry(code: str, sp: SearchParam, resource_type: str) -> tuple[str, str, Extractor, tuple[str, ...], Store] | None:
@@ -738,7 +740,8 @@ def _plan_entry(code: str, sp: SearchParam, resource_type: str) -> tuple[str, st
         if compiled:
             # On the resource itself (`Observation`), a node lacking any component yields nothing,
             # so the last component's elements (the value, rarer than the code) decide.
-            bare = next((r for r in map(_relative_roots, reversed([e for _, e in _COMPONENT_ERRATA.get(sp.url, sp.components)])) if r), ())
+            expressions = [e for _, e in _COMPONENT_ERRATA.get(sp.url, sp.components)]
+            bare = next((r for r in map(_relative_roots, reversed(expressions)) if r), ())
             roots = _root_elements(expression, resource_type, bare)
     elif sp.type == "token":
         store = _store_token(code)
@@ -815,17 +818,17 @@ def _relative_roots(expression: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-# Resource keys seen per type, remembered with the plan entries they start; bounded, since
-# validation may be off and keys then arbitrary.
+# Key sets seen per type, remembered with the plan entries they start: resources from one source
+# have a handful of shapes. Bounded, since validation may be off and keys then arbitrary.
 _MEMO_LIMIT = 2048
 
 
 @lru_cache(maxsize=None)
 def _dispatch(
     resource_type: str,
-) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...], dict[str, tuple[int, ...]], frozenset[str]]:
-    """A memo of resource key → plan entries; the entries that read from the root itself; for
-    each element name, the entries that read it; the choice base names among those."""
+) -> tuple[dict[tuple[str, ...], list[int]], tuple[int, ...], dict[str, tuple[int, ...]], frozenset[str]]:
+    """A memo of resource key set → plan entries; the entries that read from the root itself;
+    for each element name, the entries that read it; the choice base names among those."""
     by_name: dict[str, list[int]] = {}
     always: list[int] = []
     for i, (_, _, _, roots, _) in enumerate(_plan(resource_type)):
@@ -846,6 +849,7 @@ def _clear_caches() -> None:
 parameters.on_change(_clear_caches)
 
 
+@lru_cache(maxsize=4096)
 def _choice_base(key: str, choices: frozenset[str]) -> str | None:
     """``value`` for ``valueQuantity`` when ``value`` is a choice element of this type."""
     for i in range(len(key) - 1, 0, -1):
@@ -854,27 +858,23 @@ def _choice_base(key: str, choices: frozenset[str]) -> str | None:
     return None
 
 
-def _entries_for_key(key: str, by_name: dict[str, tuple[int, ...]], choices: frozenset[str]) -> tuple[int, ...]:
-    # `valueQuantity` starts both the entries reading it exactly and those reading `value`.
-    hit = by_name.get(key, ())
-    base = _choice_base(key, choices) if choices else None
-    if base is not None and base in by_name:
-        hit = tuple(sorted({*hit, *by_name[base]}))
-    return hit
-
-
 def _entries_for(resource: dict[str, Any]) -> list[int]:
     memo, always, by_name, choices = _dispatch(resource["resourceType"])
-    wanted: dict[int, None] = dict.fromkeys(always)
-    for key in resource:
-        hit = memo.get(key)
-        if hit is None:
-            hit = _entries_for_key(key, by_name, choices)
-            if len(memo) < _MEMO_LIMIT:
-                memo[key] = hit
-        if hit:
-            wanted.update(dict.fromkeys(hit))
-    return sorted(wanted)
+    keys = tuple(resource)
+    wanted = memo.get(keys)
+    if wanted is not None:
+        return wanted
+    found: set[int] = set(always)
+    for key in keys:
+        found.update(by_name.get(key, ()))
+        # `valueQuantity` starts the entries reading it exactly and those reading `value`.
+        base = _choice_base(key, choices) if choices else None
+        if base is not None:
+            found.update(by_name.get(base, ()))
+    wanted = sorted(found)
+    if len(memo) < _MEMO_LIMIT:
+        memo[keys] = wanted
+    return wanted
 
 
 # Serialised resources hold `"reference":"..."`; FHIR strings cannot contain an unescaped quote,
@@ -903,11 +903,12 @@ def index_resource(resource: dict[str, Any], raw: bytes | None = None, base_url:
     """The ``s`` document stored beside a resource: search values by parameter code, plus ``_refs``
     (the local references, for referential integrity). ``raw`` is the resource serialised."""
     index: dict[str, Any] = {}
+    memo: dict[Any, Any] = {}
     plan = _plan(resource["resourceType"])
     for i in _entries_for(resource):
         nodes = plan[i][2](resource)
         if nodes:
-            plan[i][4](nodes, resource, index)
+            plan[i][4](nodes, resource, index, memo)
     refs = local_references(raw if raw is not None else orjson.dumps(resource), base_url)
     if refs:
         index["_refs"] = sorted(refs)

@@ -32,7 +32,7 @@ def _keys(code: str, kind: str) -> IndexKeys:
 @lru_cache(maxsize=None)
 def search_indexes(resource_type: str) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
     """(name, keys) of every search index a type collection needs."""
-    out = [("s__refs", (("s._refs", 1),))]
+    out: list[tuple[str, tuple[tuple[str, int], ...]]] = [("s__refs", (("s._refs", 1),))]
     for code, kind in indexed_parameters(resource_type):
         if kind == "date":
             # A date range is searched by its start (lt, le, sa, eq) or by its end (gt, ge, eb):

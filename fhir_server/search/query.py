@@ -19,7 +19,7 @@ from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.outcome import FhirError, Issue, bad_request
 from fhir_server.search import clauses, grammar, paging
 from fhir_server.search.clauses import Condition
-from fhir_server.search.extract import normalize_string
+from fhir_server.search.extract import composite_components, normalize_string
 from fhir_server.search.parameters import SearchParam, params_for
 from fhir_server.storage.base import Stored
 
@@ -293,12 +293,11 @@ def _composite_value(ctx: _Context, type_: str, sp: SearchParam, name: str, valu
         raise bad_request(
             f"Parameter '{name}' takes {len(sp.components)} values separated by '$', got {len(parts)}", expression=[name]
         )
-    by_url = {p.url: p for p in params_for(type_).values()}
+    components = composite_components(sp, type_)
+    if components is None:
+        raise grammar.not_supported(f"A component of '{name}' is not known to this server", name)
     conds: list[Condition] = []
-    for i, ((definition, _), part) in enumerate(zip(sp.components, parts)):
-        component = by_url.get(definition)
-        if component is None:
-            raise grammar.not_supported(f"Component {definition} of '{name}' is not known", name)
+    for i, ((component, _), part) in enumerate(zip(components, parts)):
         conds.append(clauses.component_value(component, name, part, f"c{i}", ctx.base_url))
     return {"s." + sp.code: {"$elemMatch": conds[0] if len(conds) == 1 else {"$and": conds}}}
 
