@@ -123,14 +123,9 @@ def print_table(results: dict[str, Any], console: Console) -> None:
         console.print(f"[red]server log[/red] {line}")
 
 
-def markdown(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    cfg = results["config"]
-    lines = [
-        "# fhir-server benchmark",
-        "",
-        f"Run {results['generated']} — `{cfg['command']}`",
-        "",
+def machine_table(m: dict[str, Any]) -> list[str]:
+    """The Markdown rows describing the machine a run came from (see :func:`machine_facts`)."""
+    return [
         "| machine | |",
         "|---|---|",
         f"| CPU | {m['cpu']} |",
@@ -142,6 +137,18 @@ def markdown(results: dict[str, Any]) -> str:
         f"| commit | {m['commit']} |",
         f"| load at start | load average {m['load_average_at_start']}; {m['available_cores_at_start']} of"
         f" {m['logical_cores']} cores free for busy processes (the machine may be shared) |",
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    cfg = results["config"]
+    lines = [
+        "# fhir-server benchmark",
+        "",
+        f"Run {results['generated']} — `{cfg['command']}`",
+        "",
+        *machine_table(m),
         "",
         f"Server: `fhir-server serve --workers {cfg['workers']}`; data: {cfg['files']} Synthea files from `{cfg['data_dir']}`"
         f" (decompressed beforehand), loader concurrency {cfg['concurrency']}; read/create phases"

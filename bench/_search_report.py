@@ -9,6 +9,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from _report import machine_table
+
 # name -> (figure, goal, higher is better); the figures of issue #3.
 GOALS: dict[str, tuple[str, float, bool]] = {
     "token": ("p50_ms", 20, False), "date": ("p50_ms", 20, False),
@@ -149,16 +151,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# fhir-server search benchmark", "",
         f"Run {results['generated']} — `{cfg['command']}`", "",
-        "| machine | |", "|---|---|",
-        f"| CPU | {m['cpu']} |",
-        f"| cores | {m['logical_cores']} logical ({m['physical_cores']} physical) |",
-        f"| RAM | {m['ram_gb']} GB |",
-        f"| OS | {m['os']} |",
-        f"| Python | {m['python']} |",
-        f"| MongoDB | {m['mongodb']} (embedded, single-node replica set, on the same machine) |",
-        f"| commit | {m['commit']} |",
-        f"| load at start | load average {m['load_average_at_start']}; {m['available_cores_at_start']} of"
-        f" {m['logical_cores']} cores free for busy processes (the machine may be shared) |",
+        *machine_table(m),
         "",
         f"Server: `fhir-server serve --workers {cfg['workers']}`; data: {cfg['patient_files']} Synthea patient files"
         f" from `{cfg['data_dir']}` plus the shared `0-…` files, grown ×{cfg['scale']} with cloned patients (new ids)."

@@ -11,7 +11,6 @@ defaults to ``../shared/data/synthea-120`` next to the repository.
 from __future__ import annotations
 
 import argparse
-import bz2
 import sys
 import time
 from collections import defaultdict
@@ -22,32 +21,25 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _synthea import DEFAULT_DATA, has_bundles, load_resources  # noqa: E402
+
 from fhir_server.search.extract import index_resource  # noqa: E402
 
-_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-120"
 _BASE_URL = "http://127.0.0.1:8080/fhir"
-
-
-def _load(data_dir: Path) -> list[dict[str, Any]]:
-    resources: list[dict[str, Any]] = []
-    for f in sorted(data_dir.glob("*.json.bz2")):
-        bundle = orjson.loads(bz2.decompress(f.read_bytes()))
-        resources += [e["resource"] for e in bundle.get("entry", ()) if "resource" in e]
-    return resources
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data_dir", nargs="?", type=Path, default=_DEFAULT)
+    parser.add_argument("data_dir", nargs="?", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--repeat", type=int, default=3, help="passes over the data; the best is kept")
     parser.add_argument("--top", type=int, default=10, help="resource types shown, most numerous first")
     args = parser.parse_args()
-    if not args.data_dir.is_dir() or not any(args.data_dir.glob("*.json.bz2")):
+    if not has_bundles(args.data_dir):
         print(f"no Synthea bundles (*.json.bz2) in {args.data_dir}: nothing to measure", file=sys.stderr)
         return 1
     by_type: dict[str, list[tuple[dict[str, Any], bytes]]] = defaultdict(list)
     total = 0
-    for r in _load(args.data_dir):
+    for r in load_resources(args.data_dir):
         by_type[r["resourceType"]].append((r, orjson.dumps(r)))
         total += 1
     best: dict[str, float] = {}

@@ -10,39 +10,30 @@ Run: ``.venv/bin/python bench/validation_bench.py [DATA_DIR] [--repeat N]``. DAT
 from __future__ import annotations
 
 import argparse
-import bz2
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _synthea import DEFAULT_DATA, has_bundles, load_resources  # noqa: E402
+
 from fhir_server.validation import validate_resource  # noqa: E402
 
-_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-120"
-
-
-def _load(data_dir: Path) -> list[dict[str, Any]]:
-    resources: list[dict[str, Any]] = []
-    for f in sorted(data_dir.glob("*.json.bz2")):
-        bundle = orjson.loads(bz2.decompress(f.read_bytes()))
-        resources += [e["resource"] for e in bundle.get("entry", ()) if "resource" in e]
-    return resources
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data_dir", nargs="?", type=Path, default=_DEFAULT)
+    parser.add_argument("data_dir", nargs="?", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--repeat", type=int, default=3, help="passes over the data; the best is kept")
     args = parser.parse_args()
-    if not args.data_dir.is_dir() or not any(args.data_dir.glob("*.json.bz2")):
+    if not has_bundles(args.data_dir):
         print(f"skipped: no Synthea bundles (*.json.bz2) in {args.data_dir}")
         return 0
-    resources = _load(args.data_dir)
+    resources = load_resources(args.data_dir)
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in resources:
         by_type[r["resourceType"]].append(r)

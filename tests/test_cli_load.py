@@ -11,7 +11,6 @@ import bz2
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from fhir_server.storage import mongod as embedded
+from tests.helpers import stop_process_group
 
 _BIN = Path(sys.executable).parent / "fhir-server"
 _SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-120"
@@ -71,12 +71,7 @@ def base_url(mongo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
             time.sleep(0.2)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
 
 
 def _get(url: str, path: str, **params: str) -> dict[str, Any]:

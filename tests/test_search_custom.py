@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from fhir_server.config import load_settings
 from fhir_server.http.app import create_app
+from tests.helpers import stop_process_group
 from fhir_server.search.parameters import custom_parameters, params_for
 from fhir_server.search.reindex import percent
 from fhir_server.storage import mongod as embedded
@@ -452,12 +452,7 @@ def serve(mongo_uri: str, tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for proc in procs:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
 
 
 async def _until(predicate: Any, timeout: float = 20) -> None:

@@ -37,7 +37,7 @@ def _sample(type_: str, code: str) -> str | None:
         return _SAMPLE.get(sp.type)
     by_url = {p.url: p for p in params_for(type_).values()}
     parts = [_SAMPLE.get(by_url[d].type) if d in by_url else None for d, _ in sp.components]
-    return None if None in parts else "$".join(p.replace("|", "|") for p in parts if p is not None)
+    return None if None in parts else "$".join(p for p in parts if p is not None)
 
 
 def _stages(plan: dict[str, Any]) -> list[str]:

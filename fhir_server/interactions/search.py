@@ -16,7 +16,7 @@ import orjson
 from fhir_server.config import Settings
 from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.interactions._representation import shape_raw
-from fhir_server.interactions._resource import check_type, prefer
+from fhir_server.interactions._resource import check_id, check_type, prefer
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx
 from fhir_server.outcome import FhirError, Issue, bad_request, operation_outcome
 from fhir_server.search import include, paging
@@ -114,6 +114,7 @@ async def _target_types(
 
         if comp_type not in compartment_types():
             raise FhirError.of(404, "not-found", f"{comp_type[:60]} is not a compartment")
+        check_id(comp_id)
         members = compartment_members(comp_type)
         if req.type is not None:
             check_type(req.type)
@@ -140,16 +141,19 @@ async def _target_types(
 def _compartment_filter(req: FhirRequest, types: Sequence[str]) -> dict[str, dict[str, Any]] | None:
     if req.compartment is None:
         return None
-    from fhir_server.search.compartments import compartment_params
+    from fhir_server.search.compartments import DEF, compartment_params
 
     comp_type, comp_id = req.compartment
     target = f"{comp_type}/{comp_id}"
     out: dict[str, dict[str, Any]] = {}
     for t in types:
-        ors: list[dict[str, Any]] = [{"s." + p: target} for p in compartment_params(comp_type, t) if p != "{def}"]
-        if t == comp_type:
+        params = compartment_params(comp_type, t)
+        ors: list[dict[str, Any]] = [{"s." + p: target} for p in params if p != DEF]
+        if DEF in params or t == comp_type:
+            # The compartment's own resource belongs to it (R4 says {def}; for Patient only
+            # through `link`, yet Patient/123/* is expected to include Patient 123 itself).
             ors.append({"_id": comp_id})
-        out[t] = ors[0] if len(ors) == 1 else {"$or": ors}
+        out[t] = {"_id": {"$in": []}} if not ors else ors[0] if len(ors) == 1 else {"$or": ors}
     return out
 
 
@@ -180,10 +184,14 @@ async def _keyset_page(
     for type_, c in compiled.items():
         flt = _with(c.filter, paging.keyset(keys, cursor, type_)) if cursor else c.filter
         rows += await store.find(
-            type_, flt, sort=_mongo_sort(keys, reverse=not forward), limit=count + 1, index_fields=c.index_fields()
+            type_, flt, sort=_mongo_sort(keys, reverse=not forward), limit=count + 1, index_fields=c.index_fields(type_)
         )
     if len(compiled) > 1:
-        rows.sort(key=functools.cmp_to_key(lambda a, b: _compare(a, b, keys)), reverse=not forward)
+        sort_keys_of = {id(r): paging.key_of(r, keys) for r in rows}
+        rows.sort(
+            key=functools.cmp_to_key(lambda a, b: _compare(a, b, sort_keys_of[id(a)], sort_keys_of[id(b)], keys)),
+            reverse=not forward,
+        )
     more = len(rows) > count
     rows = rows[:count]
     if forward:
@@ -201,7 +209,7 @@ async def _backwards_by_count(
     flt = _with(c.filter, paging.keyset(c.sort, cursor, type_))
     n = await store.count(type_, flt)
     skip = max(0, n - c.count)
-    rows = await store.find(type_, flt, sort=_mongo_sort(c.sort), limit=c.count, skip=skip, index_fields=c.index_fields())
+    rows = await store.find(type_, flt, sort=_mongo_sort(c.sort), limit=c.count, skip=skip, index_fields=c.index_fields(type_))
     return rows, True, skip > 0
 
 
@@ -210,13 +218,13 @@ async def _offset_page(store: Store | UnitOfWork, compiled: dict[str, CompiledSe
         raise bad_request("_offset is not supported in searches across types; follow the paging links", expression=["_offset"])
     (type_, c), = compiled.items()
     rows = await store.find(
-        type_, c.filter, sort=_mongo_sort(c.sort), limit=c.count + 1, skip=offset, index_fields=c.index_fields()
+        type_, c.filter, sort=_mongo_sort(c.sort), limit=c.count + 1, skip=offset, index_fields=c.index_fields(type_)
     )
     return rows[: c.count], len(rows) > c.count
 
 
-def _compare(a: Stored, b: Stored, keys: Sequence[paging.SortKey]) -> int:
-    ka, kb = paging.key_of(a, keys), paging.key_of(b, keys)
+def _compare(a: Stored, b: Stored, ka: tuple[Any, ...], kb: tuple[Any, ...], keys: Sequence[paging.SortKey]) -> int:
+    """The order of two resources of a search across types: sort keys, then type, then id."""
     for key, x, y in zip(keys, ka, kb):
         if x == y:
             continue

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
+from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.search.extract import local_reference
 from fhir_server.search.parameters import params_for
-from fhir_server.search.query import Include
+from fhir_server.search.query import Include, include_fields
 from fhir_server.storage.base import Stored
 
 # Rounds of :iterate; real graphs (Observation → Patient → Organization → ...) are shallow.
@@ -17,15 +18,6 @@ _MAX_ROUNDS = 4
 
 class _Finder(Protocol):
     async def find(self, type_: str, query: dict[str, Any], limit: int, **kw: Any) -> list[Stored]: ...
-
-
-def _fields_for(includes: Sequence[Include], type_: str) -> list[str]:
-    codes: set[str] = set()
-    for inc in includes:
-        if inc.reverse or inc.source not in ("*", type_):
-            continue
-        codes.add("_refs" if inc.param == "*" else inc.param)
-    return sorted(codes)
 
 
 def _targets_of(stored: Stored, inc: Include) -> list[str]:
@@ -69,9 +61,9 @@ async def resolve(
             if room <= 0:
                 truncated = True
                 break
-            if type_ not in _known_types():
-                continue
-            fields = _fields_for([i for i in includes if i.iterate], type_)
+            if type_ not in RESOURCE_TYPES:
+                continue  # a reference to a type this server does not know cannot be included
+            fields = sorted(include_fields([i for i in includes if i.iterate], type_))
             got = await store.find(type_, {"_id": {"$in": sorted(ids)}}, limit=room + 1, index_fields=fields)
             if len(got) > room:
                 truncated, got = True, got[:room]
@@ -80,16 +72,19 @@ async def resolve(
         for inc in active:
             if not inc.reverse:
                 continue
-            sp = params_for(inc.source).get(inc.param)
+            targets = params_for(inc.source)[inc.param].targets
             keys = sorted(
-                {f"{s.type}/{s.id}" for s in frontier if inc.target is None or s.type == inc.target}
-                & ({f"{s.type}/{s.id}" for s in frontier if not sp or not sp.targets or s.type in sp.targets})
+                f"{s.type}/{s.id}"
+                for s in frontier
+                if (inc.target is None or s.type == inc.target) and (not targets or s.type in targets)
             )
-            room = limit - len(added) - len(found)
-            if not keys or room <= 0:
-                truncated = truncated or (bool(keys) and room <= 0)
+            if not keys:
                 continue
-            fields = _fields_for([i for i in includes if i.iterate], inc.source)
+            room = limit - len(added) - len(found)
+            if room <= 0:
+                truncated = True
+                continue
+            fields = sorted(include_fields([i for i in includes if i.iterate], inc.source))
             got = await store.find(inc.source, {"s." + inc.param: {"$in": keys}}, limit=room + 1, index_fields=fields)
             if len(got) > room:
                 truncated, got = True, got[:room]
@@ -102,9 +97,3 @@ async def resolve(
                 added.append(s)
                 frontier.append(s)
     return added, truncated
-
-
-def _known_types() -> frozenset[str]:
-    from fhir_server.definitions import RESOURCE_TYPES
-
-    return frozenset(RESOURCE_TYPES)

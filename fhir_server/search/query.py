@@ -73,13 +73,19 @@ class CompiledSearch:
     used: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[Issue] = field(default_factory=list)
 
-    def index_fields(self) -> list[str]:
-        """Index values the search must read back: the sort keys' and what ``_include`` follows."""
+    def index_fields(self, type_: str) -> list[str]:
+        """Index values a page of ``type_`` must read back: the sort keys' and what ``_include`` follows."""
         codes = {k.index_code for k in self.sort if k.index_code}
-        for inc in self.includes:
-            if not inc.reverse:
-                codes.add("_refs" if inc.param == "*" else inc.param)
-        return sorted(c for c in codes if c)
+        return sorted(codes.union(include_fields(self.includes, type_)))
+
+
+def include_fields(includes: list[Include], type_: str) -> set[str]:
+    """The index values that forward includes follow from resources of ``type_``."""
+    return {
+        "_refs" if inc.param == "*" else inc.param
+        for inc in includes
+        if not inc.reverse and inc.source in ("*", type_)
+    }
 
 
 @dataclass
@@ -326,10 +332,7 @@ async def _chain(
     usable = [t for t in targets if next_name in ("_id", "_lastUpdated", "_has") or next_name in params_for(t)]
     if not usable:
         raise grammar.not_supported(f"No target of '{name}' has a search parameter '{next_name[:60]}'", f"{name}.{next_name}")
-    if modifier is None and len(usable) > 1:
-        # Chaining through a parameter with several target types is ambiguous in general
-        # (search.html#chaining); it is allowed, and each target type is searched.
-        pass
+    # Several usable targets (search.html#chaining calls this ambiguous): each one is searched.
     refs: list[str] = []
     for target in usable:
         inner = await _criterion(ctx, target, rest, value, depth + 1)
@@ -443,6 +446,8 @@ def parse_include(raw_name: str, value: str) -> Include:
     target = parts[2] if len(parts) == 3 else None
     if target is not None and target not in RESOURCE_TYPES:
         raise bad_request(f"Unknown target type '{target[:60]}' in {name}", expression=[name])
+    if param == "*" and reverse:
+        raise grammar.not_supported("_revinclude needs a parameter name, not '*'", name)
     if param != "*":
         sp = params_for(source).get(param)
         if sp is None or sp.type != "reference":
