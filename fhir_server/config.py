@@ -42,6 +42,14 @@ class Settings:
     max_chain_matches: int = 100_000
     history_default_count: int = 100
 
+    # Canonical base of the CN profiles and code systems (profiles/, terminology/); the shipped
+    # files use https://fhir.cn-ehr.org, rewritten to this base when they are loaded.
+    canonical_base: str = "https://fhir.cn-ehr.org"
+    # Load (create or upgrade) the shipped profiles and terminology into the database at startup.
+    load_conformance: bool = True
+    # Profiles every resource of a type must conform to on write: "Patient=url,Observation=url".
+    required_profiles: str = ""
+
 
 def _coerce(value: str, kind: type) -> Any:
     if kind is bool:

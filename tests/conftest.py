@@ -34,6 +34,8 @@ def mongo_uri() -> Iterator[str]:
 
 
 def make_settings(mongo_uri: str, **overrides):
+    # Loading the shipped profiles and terminology costs every fresh database time: only tests that ask.
+    overrides.setdefault("load_conformance", False)
     return load_settings(mongodb_uri=mongo_uri, database=f"test_{uuid.uuid4().hex[:8]}", **overrides)
 
 

@@ -160,8 +160,22 @@ class _Terminology:
         return codes
 
 
+# Checked natively by the validator (and hasValue() is missing from fhirpathpy).
+_NATIVE_INVARIANTS = {"ele-1", "ext-1"}
+
+
+def _constraints(el: Json) -> list[list[str]]:
+    """[key, severity, expression, human] of each invariant an element declares."""
+    return [
+        [c["key"], c["severity"], c["expression"], c.get("human", "")]
+        for c in el.get("constraint", ())
+        if c.get("expression") and c["key"] not in _NATIVE_INVARIANTS
+    ]
+
+
 def _elements(sd: Json) -> list[Json]:
-    """Compact element rows: p path, n min, x max, t types, s summary, m modifier, b vs, r ref."""
+    """Compact element rows: p path, n min, x max, t types, s summary, m modifier, b vs, r ref,
+    c invariants."""
     rows: list[Json] = []
     root = sd["type"]
     for el in sd["snapshot"]["element"]:
@@ -184,6 +198,9 @@ def _elements(sd: Json) -> list[Json]:
         binding = el.get("binding")
         if binding and binding.get("strength") == "required" and binding.get("valueSet"):
             row["b"] = _unversioned(binding["valueSet"])
+        constraints = _constraints(el)
+        if constraints:
+            row["c"] = constraints
         rows.append(row)
     return rows
 
@@ -228,6 +245,9 @@ def build(tgz: Path) -> Json:
             "abstract": bool(sd.get("abstract")),
             "elements": _elements(sd),
         }
+        root_constraints = _constraints(sd["snapshot"]["element"][0])
+        if root_constraints:
+            model["types"][name]["c"] = root_constraints
     term = _Terminology(terms)
     urls = {row["b"] for t in model["types"].values() for row in t["elements"] if "b" in row}
     for url in sorted(urls):

@@ -26,17 +26,22 @@ log = logging.getLogger("fhir_server")
 
 def build_server(settings: Settings, store: MongoStore) -> Server:
     """Attach the interceptors the settings ask for."""
-    from fhir_server.interceptors import search_parameters
+    from fhir_server.interactions import validate  # noqa: F401  (registers $validate)
+    from fhir_server.interceptors import profiles, search_parameters
     from fhir_server.interceptors.integrity import check_references
     from fhir_server.interceptors.validation import validate_before_store
 
     server = Server(settings, store)
     if settings.validate_on_write:
         server.pre_store.append(validate_before_store)
+        profiles.install(server)  # meta.profile claims and required_profiles
     if settings.referential_integrity:
         server.on_commit.append(check_references)
     # Always, whatever the settings (after validation): an unusable SearchParameter is never stored.
     search_parameters.install(server)
+    from fhir_server.conformance import watch as conformance_watch
+
+    conformance_watch.install(server)  # registry updates after commit; terminology operations
     return server
 
 
@@ -55,13 +60,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         watch = SearchParameterWatch(store)
         await watch.start()  # custom SearchParameters are searchable from the first request
+        from fhir_server.conformance.seed import seed
+        from fhir_server.conformance.watch import ConformanceWatch
+
+        conformance = ConformanceWatch(store, server.conformance)
+        await conformance.start()  # canonical resources known from the first request
         if server.reindexer is not None:
             await server.reindexer.open()
+        if settings.load_conformance:
+            try:
+                await seed(server)
+            except Exception:  # the server is still useful without the shipped content
+                log.exception("loading the shipped profiles and terminology failed")
         try:
             yield
         finally:
             if server.reindexer is not None:
                 await server.reindexer.close()
+            await conformance.stop()
             await watch.stop()
             await client.close()
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, TypeVar
 
 from fhir_server.config import Settings
+from fhir_server.conformance.registry import ConformanceRegistry
 from fhir_server.outcome import FhirError
 from fhir_server.storage.base import Conflict, Store, Stored, TooLarge, UnitOfWork, Write
 
@@ -79,6 +80,8 @@ class Server:
     after_commit: list[OnCommit] = field(default_factory=list)
     # Runs re-index jobs in the background ($reindex, new SearchParameters); set by the app.
     reindexer: Reindexer | None = None
+    # Profiles, code systems, value sets, concept maps by url (fhir_server/conformance/watch.py keeps it current).
+    conformance: ConformanceRegistry = field(default_factory=ConformanceRegistry)
 
     async def transact(self, work: Callable[["Tx"], Awaitable[T]], types: set[str] = frozenset()) -> T:  # type: ignore[assignment]
         """Run ``work`` atomically, with the commit interceptors, retried on write conflicts."""

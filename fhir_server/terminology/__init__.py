@@ -4,6 +4,10 @@ Sources, in order: ValueSet and CodeSystem resources stored on this server (so a
 systems work as soon as they are loaded), then the R4 value sets bound as required in the core
 specification (expanded offline, see fhir_server/definitions). The Chinese code systems and maps
 (terminology/ at the top of the repository) arrive as stored resources.
+
+These helpers read the database and serve search (``:in``, ``:above``, ``:below``). The full
+service (expansion with filters and imports, $lookup, $validate-code, $translate), synchronous over
+the in-memory conformance registry, is :mod:`fhir_server.terminology.service`.
 """
 
 from __future__ import annotations

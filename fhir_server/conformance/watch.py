@@ -1,0 +1,98 @@
+"""Keeping ``Server.conformance`` current, the way stored SearchParameters are followed
+(fhir_server/interceptors/search_parameters.py):
+
+- at startup every stored canonical resource is loaded;
+- after a unit commits, what it wrote is applied in this worker, so the next request sees it;
+- a change stream per canonical type brings what other workers (processes) write, reopened with
+  backoff when it fails; on every (re)open the type is reloaded, so nothing missed meanwhile is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+
+import orjson
+
+from fhir_server.conformance.registry import CANONICAL_TYPES, ConformanceRegistry
+from fhir_server.interactions.context import Server, Tx
+from fhir_server.storage.base import Store
+
+log = logging.getLogger("fhir_server.conformance")
+
+
+async def apply_conformance(tx: Tx) -> None:
+    """After-commit hook: apply the canonical resources the unit wrote to this worker's registry."""
+    registry = tx.server.conformance
+    for write in tx.written:
+        if write.type in CANONICAL_TYPES:
+            try:
+                registry.apply(write.type, write.id, write.version, write.raw)
+            except Exception:  # the write has committed: a failure here must not turn it into an error
+                log.exception("registering %s/%s failed", write.type, write.id)
+
+
+async def load_type(store: Store, registry: ConformanceRegistry, type_: str) -> int:
+    """(Re)load every stored resource of ``type_``; forget those no longer stored. The count loaded."""
+    registry.begin_resync(type_)
+    if type_ not in await store.types():
+        registry.end_resync(type_, ())
+        return 0
+    seen = []
+    for stored in await store.find(type_, {}, limit=0):
+        seen.append(stored.id)
+        if stored.raw:
+            try:
+                registry.apply(type_, stored.id, stored.version, orjson.loads(stored.raw))
+            except orjson.JSONDecodeError:
+                log.warning("%s/%s is not JSON and is ignored", type_, stored.id)
+    registry.end_resync(type_, seen)
+    return len(seen)
+
+
+class ConformanceWatch:
+    """Loads the stored canonical resources at startup and follows their changes."""
+
+    def __init__(self, store: Store, registry: ConformanceRegistry) -> None:
+        self._store = store
+        self._registry = registry
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        counts = [await load_type(self._store, self._registry, t) for t in CANONICAL_TYPES]
+        log.info("conformance registry: %d resources loaded", sum(counts))
+        self._tasks = [asyncio.create_task(self._follow(t), name=f"conformance-watch-{t}") for t in CANONICAL_TYPES]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _follow(self, type_: str) -> None:
+        delay = 1.0
+        while True:
+            try:
+                async with aclosing(self._store.watch(type_)) as changes:
+                    async for stored in changes:
+                        if stored is None:  # (re)opened: whatever happened meanwhile is read now
+                            await load_type(self._store, self._registry, type_)
+                            delay = 1.0
+                        else:
+                            raw = None if stored.deleted else stored.raw
+                            self._registry.apply(type_, stored.id, stored.version, raw)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("%s change stream failed; reopening in %.0f s", type_, delay, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def install(server: Server) -> None:
+    """Add the after-commit hook and the terminology operations (the app starts a
+    :class:`ConformanceWatch` beside the server)."""
+    import fhir_server.interactions.terminology  # noqa: F401  (registers the operations)
+
+    server.after_commit.append(apply_conformance)

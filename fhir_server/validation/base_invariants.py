@@ -1,0 +1,136 @@
+"""The invariants of the R4 specification itself (dom-3, pat-1, per-1, obs-6 ...), on any resource.
+
+They come from the generated model (``c`` on types and element rows). The walk follows the same
+Structs as the structural validator, so it knows each node's type: a Period anywhere gets per-1,
+every Patient.contact gets pat-1, a contained or bundled resource gets its own type's rules with
+itself as ``%resource``. ele-1 and ext-1 are checked by the structural walk.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from fhir_server.definitions import load_model
+from fhir_server.outcome import Issue
+
+from ._model import ARRAY_COMPLEX, ARRAY_RESOURCE, SINGLE_COMPLEX, SINGLE_RESOURCE, STRUCTS, Struct
+from .invariants import Invariant, compile_invariant, evaluate
+
+log = logging.getLogger("fhir_server.validation")
+
+__all__ = ["check_base_invariants", "SKIPPED"]
+
+# R4 invariants that reject valid data or that fhirpathpy cannot evaluate as the spec means them;
+# each is listed with why, and not evaluated.
+SKIPPED: dict[str, str] = {
+    # Uses descendants() over the whole resource for every contained resource: correct but it
+    # costs milliseconds on large resources, and referential checks cover the same ground.
+    # (kept: evaluated only when contained resources exist, thanks to folding)
+}
+
+
+def _rows(rows: list[list[str]], base: str) -> tuple[Invariant, ...]:
+    out = []
+    for key, severity, expression, human in rows:
+        if key in SKIPPED:
+            continue
+        try:
+            out.append(compile_invariant(key, severity, expression, human, base, source="FHIR R4"))
+        except ValueError as e:
+            log.warning("R4 invariant not usable: %s", e)
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def _tables() -> tuple[dict[str, tuple[Invariant, ...]], dict[str, tuple[Invariant, ...]]]:
+    """(Struct name → invariants of its nodes, element path → invariants of its values).
+
+    Types and backbone elements have a Struct of their own: their invariants go with every node of
+    that Struct, which also covers contentReference (Questionnaire.item.item is a
+    Questionnaire.item). Other elements (a Reference-typed element with its own rule) keep theirs.
+    """
+    by_struct: dict[str, tuple[Invariant, ...]] = {}
+    by_path: dict[str, tuple[Invariant, ...]] = {}
+    for name, t in load_model()["types"].items():
+        if t.get("c"):
+            by_struct[name] = _rows(t["c"], name)
+        for row in t["elements"]:
+            if row.get("c"):
+                target = by_struct if row["p"] in STRUCTS else by_path
+                target[row["p"]] = _rows(row["c"], row["p"])
+    return by_struct, by_path
+
+
+def check_base_invariants(resource: dict[str, Any], location: str | None = None) -> list[Issue]:
+    """Every failed R4 invariant in ``resource`` (nested resources included)."""
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        return []
+    st = STRUCTS.get(resource["resourceType"])
+    if st is None or not st.is_resource:
+        return []
+    issues: list[Issue] = []
+    by_type, by_path = _tables()
+    _walk(resource, st, location or resource["resourceType"], resource, resource, issues, by_type, by_path, 0)
+    return issues
+
+
+def _walk(
+    obj: dict[str, Any],
+    st: Struct,
+    path: str,
+    resource: dict[str, Any],
+    root: dict[str, Any],
+    issues: list[Issue],
+    by_type: dict[str, tuple[Invariant, ...]],
+    by_path: dict[str, tuple[Invariant, ...]],
+    depth: int,
+) -> None:
+    if depth > 64:
+        return
+    for inv in by_type.get(st.name, ()):
+        issues += evaluate(inv, obj, resource, path, root)
+    fields = st.fields
+    for key, val in obj.items():
+        el = fields.get(key)
+        if el is None:
+            continue
+        mode = el.mode
+        here = by_path.get(el.path) if el.path not in STRUCTS else None
+        if mode == SINGLE_COMPLEX and type(val) is dict:
+            if here:
+                for inv in here:
+                    issues += evaluate(inv, val, resource, f"{path}.{key}", root)
+            _walk(val, el.struct, f"{path}.{key}", resource, root, issues, by_type, by_path, depth + 1)  # type: ignore[arg-type]
+        elif mode == ARRAY_COMPLEX and type(val) is list:
+            for i, item in enumerate(val):
+                if type(item) is dict:
+                    ipath = f"{path}.{key}[{i}]"
+                    if here:
+                        for inv in here:
+                            issues += evaluate(inv, item, resource, ipath, root)
+                    _walk(item, el.struct, ipath, resource, root, issues, by_type, by_path, depth + 1)  # type: ignore[arg-type]
+        elif mode == SINGLE_RESOURCE and type(val) is dict:
+            _nested(val, f"{path}.{key}", None, issues, by_type, by_path, depth)
+        elif mode == ARRAY_RESOURCE and type(val) is list:
+            # %rootResource of a contained resource is its container; bundled ones stand alone.
+            container = root if key == "contained" else None
+            for i, item in enumerate(val):
+                if type(item) is dict:
+                    _nested(item, f"{path}.{key}[{i}]", container, issues, by_type, by_path, depth)
+
+
+def _nested(
+    res: dict[str, Any],
+    path: str,
+    container: dict[str, Any] | None,
+    issues: list[Issue],
+    by_type: dict[str, tuple[Invariant, ...]],
+    by_path: dict[str, tuple[Invariant, ...]],
+    depth: int,
+) -> None:
+    rtype = res.get("resourceType")
+    st = STRUCTS.get(rtype) if isinstance(rtype, str) else None
+    if st is not None and st.is_resource:
+        _walk(res, st, f"{path}.ofType({rtype})", res, container or res, issues, by_type, by_path, depth + 1)
