@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fhirpathpy import compile as fhirpath_compile
 from fhirpathpy import evaluate as fhirpath
 from fhirpathpy.models import models
 
@@ -92,7 +93,6 @@ def test_a_conforming_patient_has_no_errors_or_warnings(validator: Validator) ->
         (lambda p: p["identifier"][0].update(value="1101051949123100"), "Patient.identifier[0]", "身份证号应为 18 位，实际为 16 位"),
         (lambda p: p["identifier"][0].update(value="110105194902300026"), "Patient.identifier[0]", "身份证号中的出生日期 19490230 无效"),
         (lambda p: p["name"][0].update(text="张四"), "Patient.name[0]", "姓名全称“张四”与姓“张”加名“三”不一致"),
-        (lambda p: p["name"][0].pop("text"), "Patient.name[0].text", "缺少姓名全称"),
         (lambda p: p.pop("extension"), "Patient.extension", "缺少民族"),
         (lambda p: p["extension"][0]["valueCoding"].update(code="99"), "Patient.extension[0].valueCoding", "民族代码的代码 99 不在规定的值集中"),
         (lambda p: p["maritalStatus"]["coding"][0].update(code="30"), "Patient.maritalStatus", "婚姻状况的代码 30 不在规定的值集中"),
@@ -109,6 +109,15 @@ def test_each_defect_gives_one_error_at_its_location_in_chinese(validator: Valid
     assert len(errors) == 1, errors
     assert errors[0][0] == location
     assert zh in errors[0][1]
+
+
+def test_missing_full_name_breaks_cardinality_and_cn_name_1(validator: Validator) -> None:
+    patient = _patient()
+    del patient["name"][0]["text"]
+    assert sorted(_errors(validator.validate(patient))) == [
+        ("Patient.name[0]", "姓名全称（name.text）必填"),
+        ("Patient.name[0].text", "缺少姓名全称"),
+    ]
 
 
 def test_id_card_disagreeing_with_birth_date_or_gender_is_a_warning_not_an_error() -> None:
@@ -192,10 +201,43 @@ def test_native_id_card_check_agrees_with_a_fhirpath_formulation() -> None:
     for n in range(200):
         body = f"310104{1950 + n % 60:04d}{1 + n % 12:02d}{1 + n % 28:02d}{n % 1000:03d}"
         numbers += [body + c for c in "0123456789X"[n % 11 : n % 11 + 2]]
+    check = fhirpath_compile(expression, model=models["r4"])
     for number in numbers:
-        by_fhirpath = fhirpath({"value": number}, expression, model=models["r4"]) == [True]
+        by_fhirpath = check({"value": number}) == [True]
         problem = cn_identity.id_card_problem(number)
         assert by_fhirpath == (problem is None), (number, problem)
+
+
+def test_native_checks_agree_with_the_shipped_profile_fhirpath() -> None:
+    """cn-id-1..3 and cn-name-1 as written in profiles/StructureDefinition-cn-patient.json, run by
+    fhirpathpy, against the Python checks the server uses instead, on edge cases."""
+    sd = json.loads((Path(__file__).parents[1] / "profiles" / "StructureDefinition-cn-patient.json").read_text(encoding="utf-8"))
+    rules = {
+        c["key"]: fhirpath_compile(c["expression"], model=models["r4"])
+        for el in sd["differential"]["element"]
+        for c in el.get("constraint", ())
+    }
+    numbers = [GB_EXAMPLE_ID, "310104198001010017", "310112202102290037", "310112200002290030", "310112190002290037",
+               "010104198001010017", "310104178001010017", "310104198013010017", "310104198004310017", "3101041980010100",
+               "31010419800101001x", "310104198001010018"]
+    for number in numbers:
+        for c in "0123456789X":
+            numbers.append(number[:17] + c) if len(number) == 18 and len(numbers) < 200 else None
+    for number in numbers:
+        identifier = {"system": ID_CARD, "value": number}
+        by_fhirpath = rules["cn-id-1"](identifier) == [True]
+        assert by_fhirpath == (cn_identity.id_card_problem(number) is None), number
+        for birth in ("1980-01-01", "2021-02-29", "1980", "2000-02-29"):
+            for gender in ("male", "female", "other"):
+                patient = {"resourceType": "Patient", "identifier": [identifier], "birthDate": birth, "gender": gender,
+                           "name": [{"text": "张三", "family": "张", "given": ["三"]}]}
+                for key, check in (("cn-id-2", cn_identity.check_birth_date_agrees), ("cn-id-3", cn_identity.check_sex_agrees)):
+                    expected = rules[key](patient) != [False]
+                    assert expected == (check(patient, patient) == []), (key, number, birth, gender)
+    for name in ({"text": "张三", "family": "张", "given": ["三"]}, {"text": "张三"}, {"family": "张", "given": ["三"]},
+                 {"text": "欧阳娜娜", "family": "欧阳", "given": ["娜", "娜"]}, {"text": "张三", "given": ["三"]}):
+        expected = rules["cn-name-1"](name) == [True]
+        assert expected == (cn_identity.check_chinese_name(name, {}) == []), name
 
 
 def test_required_profiles_setting() -> None:

@@ -49,7 +49,7 @@ _PROJECT = [
 ]
 _CODE_SYSTEMS = {**_NATIONAL, **{i: f"{_BASE}/CodeSystem/{i}" for i in _PROJECT}}
 _EXTRA_VALUE_SETS = [
-    "loinc-vital-signs", "loinc-report-labs", "shanghai-districts", "id-document-type",
+    "loinc-vital-signs", "loinc-report-labs", "shanghai-districts", "id-document-type", "health-tag-value",
     *(f"health-tag-{c}" for c in ("maternal-child", "elderly", "chronic-disease", "notifiable-infectious", "weight-status", "blood-type")),
 ]
 _VALUE_SETS = {i: f"{_BASE}/ValueSet/{i}" for i in [*_CODE_SYSTEMS, *_EXTRA_VALUE_SETS]}

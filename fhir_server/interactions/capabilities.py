@@ -10,6 +10,7 @@ from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server
 from fhir_server.interactions.operation import registered
 from fhir_server.search.parameters import SPECIAL, on_change, params_for
+from fhir_server.validation.validator import parse_required_profiles
 
 # The search parameter types the query compiler answers today (search/query.py).
 _SEARCHABLE_TYPES = {"token", "string", "reference", "date", "uri", "number", "quantity", "composite"}
@@ -97,4 +98,27 @@ on_change(_revincludes.cache_clear)
 
 async def capabilities(server: Server, req: FhirRequest) -> FhirResponse:
     statement = _statement(req.base_url, "multiple" if server.settings.conditional_delete == "multiple" else "single")
-    return FhirResponse(200, resource=statement)
+    return FhirResponse(200, resource=_with_profiles(statement, server))
+
+
+def _with_profiles(statement: dict[str, Any], server: Server) -> dict[str, Any]:
+    """The statement with the profiles and implementation guides the server holds now (stored
+    StructureDefinitions change at run time; the cached statement is not modified)."""
+    registry = server.conformance
+    by_type: dict[str, list[str]] = {}
+    for sd in registry.all("StructureDefinition"):
+        if sd.get("derivation") == "constraint" and sd.get("kind") == "resource" and sd.get("url") and sd.get("status") != "retired":
+            by_type.setdefault(str(sd.get("type")), []).append(sd["url"])
+    for type_, required in parse_required_profiles(server.settings.required_profiles).items():
+        by_type.setdefault(type_, []).extend(u for u in required if u not in by_type.get(type_, []))
+    guides = sorted(ig["url"] for ig in registry.all("ImplementationGuide") if ig.get("url"))
+    if not by_type and not guides:
+        return statement
+    rest = dict(statement["rest"][0])
+    rest["resource"] = [
+        {**r, "supportedProfile": sorted(by_type[r["type"]])} if r["type"] in by_type else r for r in rest["resource"]
+    ]
+    out = {**statement, "rest": [rest, *statement["rest"][1:]]}
+    if guides:
+        out["implementationGuide"] = guides
+    return out

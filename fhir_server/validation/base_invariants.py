@@ -43,24 +43,42 @@ def _rows(rows: list[list[str]], base: str) -> tuple[Invariant, ...]:
     return tuple(out)
 
 
+class _Lazy(dict):  # type: ignore[type-arg]
+    """path → invariants, compiled the first time a node of that path is met (compiling all 956
+    R4 invariants up front would cost seconds at every worker's first validation)."""
+
+    def __init__(self, rows: dict[str, list[list[str]]]) -> None:
+        super().__init__()
+        self._rows = rows
+
+    def get(self, key: str, default: Any = ()) -> tuple[Invariant, ...]:  # type: ignore[override]
+        try:
+            return dict.__getitem__(self, key)  # type: ignore[no-any-return]
+        except KeyError:
+            rows = self._rows.get(key)
+            compiled = _rows(rows, key) if rows else ()
+            self[key] = compiled
+            return compiled
+
+
 @lru_cache(maxsize=1)
-def _tables() -> tuple[dict[str, tuple[Invariant, ...]], dict[str, tuple[Invariant, ...]]]:
+def _tables() -> tuple[_Lazy, _Lazy]:
     """(Struct name → invariants of its nodes, element path → invariants of its values).
 
     Types and backbone elements have a Struct of their own: their invariants go with every node of
     that Struct, which also covers contentReference (Questionnaire.item.item is a
     Questionnaire.item). Other elements (a Reference-typed element with its own rule) keep theirs.
     """
-    by_struct: dict[str, tuple[Invariant, ...]] = {}
-    by_path: dict[str, tuple[Invariant, ...]] = {}
+    by_struct: dict[str, list[list[str]]] = {}
+    by_path: dict[str, list[list[str]]] = {}
     for name, t in load_model()["types"].items():
         if t.get("c"):
-            by_struct[name] = _rows(t["c"], name)
+            by_struct[name] = t["c"]
         for row in t["elements"]:
             if row.get("c"):
                 target = by_struct if row["p"] in STRUCTS else by_path
-                target[row["p"]] = _rows(row["c"], row["p"])
-    return by_struct, by_path
+                target[row["p"]] = row["c"]
+    return _Lazy(by_struct), _Lazy(by_path)
 
 
 def check_base_invariants(resource: dict[str, Any], location: str | None = None) -> list[Issue]:
@@ -83,8 +101,8 @@ def _walk(
     resource: dict[str, Any],
     root: dict[str, Any],
     issues: list[Issue],
-    by_type: dict[str, tuple[Invariant, ...]],
-    by_path: dict[str, tuple[Invariant, ...]],
+    by_type: _Lazy,
+    by_path: _Lazy,
     depth: int,
 ) -> None:
     if depth > 64:
@@ -97,7 +115,7 @@ def _walk(
         if el is None:
             continue
         mode = el.mode
-        here = by_path.get(el.path) if el.path not in STRUCTS else None
+        here = by_path.get(el.path) if el.path not in STRUCTS and el.path in by_path._rows else None
         if mode == SINGLE_COMPLEX and type(val) is dict:
             if here:
                 for inv in here:
@@ -126,8 +144,8 @@ def _nested(
     path: str,
     container: dict[str, Any] | None,
     issues: list[Issue],
-    by_type: dict[str, tuple[Invariant, ...]],
-    by_path: dict[str, tuple[Invariant, ...]],
+    by_type: _Lazy,
+    by_path: _Lazy,
     depth: int,
 ) -> None:
     rtype = res.get("resourceType")

@@ -30,12 +30,14 @@ def id_card_problem(number: str) -> tuple[str, str] | None:
             f"ID card number must have 18 characters, found {len(number)}",
             f"身份证号应为 18 位，实际为 {len(number)} 位",
         )
-    if not number[:17].isascii() or not number[:17].isdigit() or number[17] not in "0123456789X":
+    if not _well_formed(number):
         return (
             "ID card number must be 17 digits followed by a digit or X",
             "身份证号应为 17 位数字加 1 位数字或大写 X",
         )
-    if birth_date(number) is None:
+    if number[0] == "0":
+        return ("ID card number cannot start with 0 (no division code does)", "身份证号首位不能为 0（行政区划代码无效）")
+    if birth_date(number) is None or not "1800" <= number[6:10] <= "2099":
         return (
             f"ID card number holds an impossible birth date {number[6:14]}",
             f"身份证号中的出生日期 {number[6:14]} 无效",
@@ -47,6 +49,10 @@ def id_card_problem(number: str) -> tuple[str, str] | None:
             f"身份证号校验位错误：应为 {expected}",
         )
     return None
+
+
+def _well_formed(number: str) -> bool:
+    return len(number) == 18 and number[:17].isascii() and number[:17].isdigit() and number[17] in "0123456789X"
 
 
 def birth_date(number: str) -> _dt.date | None:
@@ -61,14 +67,14 @@ def sex(number: str) -> str:
     return "male" if int(number[16]) % 2 else "female"
 
 
-def _id_card_numbers(patient: dict[str, Any]) -> list[str]:
-    out = []
+def _id_card_number(patient: dict[str, Any]) -> str | None:
+    """The first ID card number of the patient, when it has the right shape (the profiles'
+    FHIRPath does the same: a number with an impossible date still disagrees with birthDate)."""
     for ident in patient.get("identifier") or ():
         if isinstance(ident, dict) and ident.get("system") == ID_CARD_SYSTEM:
             value = ident.get("value")
-            if isinstance(value, str) and id_card_problem(value) is None:
-                out.append(value)
-    return out
+            return value if isinstance(value, str) and _well_formed(value) else None
+    return None
 
 
 def check_id_card_identifier(identifier: Any, resource: dict[str, Any]) -> list[Finding]:
@@ -87,20 +93,19 @@ def check_birth_date_agrees(patient: Any, resource: dict[str, Any]) -> list[Find
     if not isinstance(patient, dict):
         return []
     given = patient.get("birthDate")
-    if not isinstance(given, str) or len(given) < 10:
-        return []  # absent or partial: nothing to compare
-    out = []
-    for number in _id_card_numbers(patient):
-        born = birth_date(number)
-        if born is not None and born.isoformat() != given[:10]:
-            out.append(
-                (
-                    False,
-                    f"The birth date in the ID card number ({born.isoformat()}) differs from birthDate ({given[:10]})",
-                    f"身份证号中的出生日期（{born.isoformat()}）与出生日期（{given[:10]}）不一致",
-                )
-            )
-    return out
+    number = _id_card_number(patient)
+    if not isinstance(given, str) or number is None:
+        return []
+    in_number = f"{number[6:10]}-{number[10:12]}-{number[12:14]}"
+    if in_number == given:
+        return []
+    return [
+        (
+            False,
+            f"The birth date in the ID card number ({in_number}) differs from birthDate ({given})",
+            f"身份证号中的出生日期（{in_number}）与出生日期（{given}）不一致",
+        )
+    ]
 
 
 def check_sex_agrees(patient: Any, resource: dict[str, Any]) -> list[Finding]:
@@ -110,29 +115,26 @@ def check_sex_agrees(patient: Any, resource: dict[str, Any]) -> list[Finding]:
     gender = patient.get("gender")
     if gender not in ("male", "female"):
         return []
-    out = []
+    number = _id_card_number(patient)
+    if number is None or sex(number) == gender:
+        return []
     names = {"male": "男", "female": "女"}
-    for number in _id_card_numbers(patient):
-        if sex(number) != gender:
-            out.append(
-                (
-                    False,
-                    f"The ID card number is a {sex(number)}'s but gender is {gender}",
-                    f"身份证号显示性别为{names[sex(number)]}，与性别（{names[gender]}）不一致",
-                )
-            )
-    return out
+    return [
+        (
+            False,
+            f"The ID card number is a {sex(number)}'s but gender is {gender}",
+            f"身份证号显示性别为{names[sex(number)]}，与性别（{names[gender]}）不一致",
+        )
+    ]
 
 
 def check_chinese_name(name: Any, resource: dict[str, Any]) -> list[Finding]:
-    """cn-name-1, at a HumanName: when family or given are present, family + given equal text.
-
-    That text is present is the profile's cardinality (name.text 1..1), reported once, by it."""
+    """cn-name-1, at a HumanName: text holds the full name; family + given equal it when present."""
     if not isinstance(name, dict):
         return []
     text = name.get("text")
     if not isinstance(text, str):
-        return []
+        return [(False, "name.text (the full name) is required", "姓名全称（name.text）必填")]
     family = name.get("family") if isinstance(name.get("family"), str) else ""
     given = [g for g in name.get("given") or () if isinstance(g, str)]
     if not family and not given:

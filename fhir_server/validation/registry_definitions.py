@@ -29,13 +29,19 @@ class RegistryDefinitions:
 
     def value_set_contains(self, url: str, system: str | None, code: str) -> bool | None:
         found = self.terminology.contains(url, system, code)
-        if found is False and system is not None:
-            # A code system shipped as a fragment (ICD-10, vaccine codes, LOINC subset, divisions)
-            # lists only part of its codes: a code it does not list is unknown, not wrong.
+        if found is False and system is not None and self._takes_all_of(url, system):
+            # A code system shipped as a fragment (ICD-10, vaccine codes, divisions) lists only
+            # part of its codes: in a value set taking all of it, an unlisted code is unknown,
+            # not wrong. (A value set that enumerates its codes decides by itself.)
             cs = self.registry.get("CodeSystem", system)
             if cs is not None and cs.get("content") not in (None, "complete"):
                 return None
         return found
+
+    def _takes_all_of(self, url: str, system: str) -> bool:
+        vs = self.registry.get("ValueSet", url)
+        includes = (vs or {}).get("compose", {}).get("include", ())
+        return any(inc.get("system") == system and not inc.get("concept") for inc in includes if isinstance(inc, dict))
 
 
 _validators: "weakref.WeakKeyDictionary[ConformanceRegistry, tuple[str, Validator]]" = weakref.WeakKeyDictionary()
