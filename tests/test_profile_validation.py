@@ -35,6 +35,9 @@ ID_CARD = "urn:oid:2.16.156.10011.1.3"
 # GB 11643-1999's own example: a woman born 1949-12-31, check character X.
 GB_EXAMPLE_ID = "11010519491231002X"
 
+_SHIPPED = json.loads((Path(__file__).parents[1] / "profiles" / "StructureDefinition-cn-patient.json").read_text(encoding="utf-8"))
+_SHIPPED_RULES = {c["key"]: c["expression"] for el in _SHIPPED["differential"]["element"] for c in el.get("constraint", ())}
+
 VALUE_SETS = {
     "http://example.org/ValueSet/ethnicity": {("urn:oid:2.16.156.10011.2.3.3.3", "01"), ("urn:oid:2.16.156.10011.2.3.3.3", "03")},
     "http://example.org/ValueSet/marital": {("urn:oid:2.16.156.10011.2.3.3.5", "20")},
@@ -123,7 +126,7 @@ def test_missing_full_name_breaks_cardinality_and_cn_name_1(validator: Validator
 def test_id_card_disagreeing_with_birth_date_or_gender_is_a_warning_not_an_error() -> None:
     sd = copy.deepcopy(PROFILE)
     sd["differential"]["element"][0]["constraint"].append(
-        {"key": "cn-id-3", "severity": "warning", "human": "sex agrees", "expression": "true"}
+        {"key": "cn-id-3", "severity": "warning", "human": "sex agrees", "expression": _SHIPPED_RULES["cn-id-3"]}
     )
     v = Validator(_Definitions(sd, EXTENSION))
     patient = _patient()
@@ -211,12 +214,7 @@ def test_native_id_card_check_agrees_with_a_fhirpath_formulation() -> None:
 def test_native_checks_agree_with_the_shipped_profile_fhirpath() -> None:
     """cn-id-1..3 and cn-name-1 as written in profiles/StructureDefinition-cn-patient.json, run by
     fhirpathpy, against the Python checks the server uses instead, on edge cases."""
-    sd = json.loads((Path(__file__).parents[1] / "profiles" / "StructureDefinition-cn-patient.json").read_text(encoding="utf-8"))
-    rules = {
-        c["key"]: fhirpath_compile(c["expression"], model=models["r4"])
-        for el in sd["differential"]["element"]
-        for c in el.get("constraint", ())
-    }
+    rules = {key: fhirpath_compile(expression, model=models["r4"]) for key, expression in _SHIPPED_RULES.items()}
     numbers = [GB_EXAMPLE_ID, "310104198001010017", "310112202102290037", "310112200002290030", "310112190002290037",
                "010104198001010017", "310104178001010017", "310104198013010017", "310104198004310017", "3101041980010100",
                "31010419800101001x", "310104198001010018"]
@@ -238,6 +236,50 @@ def test_native_checks_agree_with_the_shipped_profile_fhirpath() -> None:
                  {"text": "欧阳娜娜", "family": "欧阳", "given": ["娜", "娜"]}, {"text": "张三", "given": ["三"]}):
         expected = rules["cn-name-1"](name) == [True]
         assert expected == (cn_identity.check_chinese_name(name, {}) == []), name
+    for value in ("31010400100012345", "3101040010001234", "310104001000123456", "3101040010001234X", "", None):
+        identifier = {"system": "urn:oid:2.16.156.10011.1.2", **({"value": value} if value is not None else {})}
+        expected = rules["cn-id-4"](identifier) == [True]
+        assert expected == (cn_identity.check_health_record_number(identifier, {}) == []), value
+    doc_type = {"coding": [{"system": "https://fhir.cn-ehr.org/CodeSystem/cv02-01-101-id-document-type", "code": "03"}]}
+    for identifiers in (
+        [{"system": ID_CARD, "value": GB_EXAMPLE_ID}],
+        [{"system": "urn:oid:2.16.156.10011.1.19", "value": "1"}, {"value": "E123"}],
+        [{"value": "E123", "type": doc_type}],
+        [{"system": "http://example.org/passport", "value": "E123", "type": {"text": "护照"}}],
+        [{"system": "http://example.org/passport", "value": "E123", "type": doc_type}, {"system": "x", "value": "1"}],
+    ):
+        patient = {"resourceType": "Patient", "identifier": identifiers}
+        expected = rules["cn-id-5"](patient) == [True]
+        assert expected == (cn_identity.check_other_documents(patient, patient) == []), identifiers
+    gb_sex = "https://fhir.cn-ehr.org/StructureDefinition/cn-gb-sex"
+    for gender, code in (("male", "1"), ("female", "1"), ("female", "2"), ("unknown", "0"), ("unknown", "9"), ("male", "9"), (None, "1"), ("male", None)):
+        patient: dict[str, Any] = {"resourceType": "Patient"}
+        if gender:
+            patient["gender"] = gender
+        if code:
+            patient["_gender"] = {"extension": [{"url": gb_sex, "valueCoding": {"system": "urn:oid:2.16.156.10011.2.3.3.4", "code": code}}]}
+        expected = rules["cn-sex-1"](patient) != [False]
+        assert expected == (cn_identity.check_gb_sex(patient, patient) == []), (gender, code)
+
+
+def test_native_checks_are_pinned_to_the_shipped_expressions() -> None:
+    """A native check stands in for exactly the expression it was tested against: the shipped
+    profiles and R4 use those expressions; any other expression under the same key runs as FHIRPath."""
+    import glob
+
+    from fhir_server.validation.invariants import NATIVE, PINNED, compile_invariant, fingerprint
+
+    seen: dict[str, set[str]] = {}
+    for path in glob.glob(str(Path(__file__).parents[1] / "profiles" / "StructureDefinition-*.json")):
+        sd = json.loads(Path(path).read_text(encoding="utf-8"))
+        for el in sd["differential"]["element"]:
+            for c in el.get("constraint", ()):
+                if c["key"] in NATIVE:
+                    seen.setdefault(c["key"], set()).add(fingerprint(c["expression"]))
+    for key, prints in seen.items():
+        assert prints <= PINNED[key], key
+    assert compile_invariant("cn-id-4", "error", "value.exists()", "", "Identifier").native is None
+    assert compile_invariant("cn-id-4", "error", _SHIPPED_RULES["cn-id-4"], "", "Identifier").native is not None
 
 
 def test_required_profiles_setting() -> None:
@@ -314,11 +356,15 @@ async def test_validate_operation_and_validation_on_write(mongo_uri: str) -> Non
             # instance level: the stored version
             r = await client.get(f"/Patient/{pid}/$validate")
             assert r.status_code == 200 and _issues(r.json()) == []
-            # an unknown claimed profile is accepted with a warning on write, an error in $validate of it
+            # a claimed profile the server does not hold is not checked on write (US Core claims
+            # on Synthea data ...), and is reported by $validate
             other = _patient()
             other["meta"]["profile"] = ["http://example.org/StructureDefinition/not-loaded"]
+            other["name"][0]["text"] = "不一致"
             r = await client.post("/Patient", json=other)
             assert r.status_code == 201, r.text
+            r = await client.post("/Patient/$validate", json=other)
+            assert [(i["severity"], i["code"]) for i in r.json()["issue"] if i["severity"] != "warning"] == [("error", "not-found")]
             # delete mode: referenced resources cannot be deleted
             r = await client.post("/Observation", json={"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": f"Patient/{pid}"}})
             assert r.status_code == 201

@@ -27,14 +27,12 @@ log = logging.getLogger("fhir_server")
 def build_server(settings: Settings, store: MongoStore) -> Server:
     """Attach the interceptors the settings ask for."""
     from fhir_server.interactions import validate  # noqa: F401  (registers $validate)
-    from fhir_server.interceptors import profiles, search_parameters
+    from fhir_server.interceptors import search_parameters, validation
     from fhir_server.interceptors.integrity import check_references
-    from fhir_server.interceptors.validation import validate_before_store
 
     server = Server(settings, store)
     if settings.validate_on_write:
-        server.pre_store.append(validate_before_store)
-        profiles.install(server)  # meta.profile claims and required_profiles
+        validation.install(server)  # structure; profiles claimed or required
     if settings.referential_integrity:
         server.on_commit.append(check_references)
     # Always, whatever the settings (after validation): an unusable SearchParameter is never stored.

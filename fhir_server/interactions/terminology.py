@@ -204,19 +204,25 @@ def _lookup_parameters(r: LookupResult, wanted: set[str], language: str | None) 
 # -- $expand -----------------------------------------------------------------------------------
 
 
+def _value_set(params: "_Params", instance: dict[str, Any] | None, op: str, instance_form: str) -> str | dict[str, Any]:
+    """The value set an operation works on: the instance, a valueSet resource, or url(+version)."""
+    value_set: str | dict[str, Any] | None = instance or params.resource("valueSet", "ValueSet")
+    if value_set is not None:
+        return value_set
+    url = params.text("url")
+    if not url:
+        _bad(
+            f"{op} needs the value set: url, a valueSet resource, or {instance_form}",
+            f"{op} 需要指定值集：参数 url、valueSet，或使用 {instance_form}",
+            expression="url",
+        )
+    version = params.text("valueSetVersion")
+    return f"{url}|{version}" if version and "|" not in url else url
+
+
 async def expand(server: Server, req: FhirRequest) -> FhirResponse:
     params = _Params(req, "expand")
-    value_set: str | dict[str, Any] | None = await _instance(server, req) or params.resource("valueSet", "ValueSet")
-    if value_set is None:
-        url = params.text("url")
-        if not url:
-            _bad(
-                "$expand needs the value set: url, a valueSet resource, or ValueSet/{id}/$expand",
-                "$expand 需要指定值集：参数 url、valueSet，或使用 ValueSet/{id}/$expand",
-                expression="url",
-            )
-        version = params.text("valueSetVersion")
-        value_set = f"{url}|{version}" if version and "|" not in url else url
+    value_set = _value_set(params, await _instance(server, req), "$expand", "ValueSet/{id}/$expand")
     service = terminology_for(server.conformance)
     try:
         result = service.expand(
@@ -261,17 +267,7 @@ async def validate_code(server: Server, req: FhirRequest) -> FhirResponse:
         if req.type == "CodeSystem":
             result = _validate_in_code_system(service, params, instance)
         else:
-            value_set: str | dict[str, Any] | None = instance or params.resource("valueSet", "ValueSet")
-            if value_set is None:
-                url = params.text("url")
-                if not url:
-                    _bad(
-                        "ValueSet/$validate-code needs the value set: url, valueSet, or ValueSet/{id}/$validate-code",
-                        "ValueSet/$validate-code 需要指定值集：参数 url、valueSet，或使用 ValueSet/{id}/$validate-code",
-                        expression="url",
-                    )
-                version = params.text("valueSetVersion")
-                value_set = f"{url}|{version}" if version and "|" not in url else url
+            value_set = _value_set(params, instance, "ValueSet/$validate-code", "ValueSet/{id}/$validate-code")
             codings = _codings(params, "ValueSet")
             display = params.text("display")
             if display and len(codings) == 1 and codings[0][2] is None:

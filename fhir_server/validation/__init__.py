@@ -21,12 +21,15 @@ __all__ = ["validate_resource", "Issue", "MAX_DEPTH_LIMIT"]
 MAX_DEPTH_LIMIT = 400
 
 
-def validate_resource(resource: dict[str, Any], *, max_depth: int = 64) -> list[Issue]:
+def validate_resource(
+    resource: dict[str, Any], *, max_depth: int = 64, extensions: list[tuple[dict[str, Any], str]] | None = None
+) -> list[Issue]:
     """All structural problems of ``resource`` (errors and warnings); an empty list when valid.
 
     Objects nested deeper than ``max_depth`` (capped at ``MAX_DEPTH_LIMIT``) are reported once,
-    as an ``invalid`` issue, and not descended into.
+    as an ``invalid`` issue, and not descended into. When ``extensions`` is a list, every
+    Extension object met is appended to it with its location (one walk serves both).
     """
-    ctx = Ctx(min(max_depth, MAX_DEPTH_LIMIT))
+    ctx = Ctx(min(max_depth, MAX_DEPTH_LIMIT), extensions)
     validate_root(ctx, resource, "", 1)
     return ctx.issues

@@ -27,12 +27,14 @@ __all__ = ["Ctx", "validate_root"]
 class Ctx:
     """State of one validate_resource call."""
 
-    __slots__ = ("issues", "max_depth", "too_deep")
+    __slots__ = ("issues", "max_depth", "too_deep", "extensions")
 
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self, max_depth: int, extensions: list[tuple[dict[str, Any], str]] | None = None) -> None:
         self.issues: list[Issue] = []
         self.max_depth = max_depth
         self.too_deep = False
+        # When a list: every Extension object met, with its location (profile validation uses it).
+        self.extensions = extensions
 
     def add(self, code: str, en: str, zh: str, path: str, severity: Severity = "error") -> None:
         self.issues.append(Issue(code, en, severity, (path,) if path else (), zh))
@@ -315,6 +317,8 @@ def _check_coded(ctx: Ctx, el: Elem, val: dict[str, Any], path: str) -> None:
 
 
 def _extension_rule(ctx: Ctx, obj: dict[str, Any], path: str) -> None:
+    if ctx.extensions is not None:
+        ctx.extensions.append((obj, path))
     # ext-1: an extension has either a value[x] or nested extensions, never both, never neither.
     has_value = False
     for k in obj:

@@ -81,6 +81,52 @@ def _tables() -> tuple[_Lazy, _Lazy]:
     return _Lazy(by_struct), _Lazy(by_path)
 
 
+@lru_cache(maxsize=1)
+def _relevant() -> frozenset[str]:
+    """Structs under which some invariant can apply: the walk skips every other subtree
+    (a HumanName or a Coding holds none)."""
+    by_struct, by_path = _tables()
+    relevant = set(by_struct._rows)
+    changed = True
+    while changed:
+        changed = False
+        for name, st in STRUCTS.items():
+            if name in relevant:
+                continue
+            for el in st.fields.values():
+                if el.name in _EXTENSION_FIELDS:
+                    continue  # walked only where an extension's value needs it (_needs_walk)
+                if (
+                    el.mode in (SINGLE_RESOURCE, ARRAY_RESOURCE)
+                    or el.path in by_path._rows
+                    or (el.struct is not None and el.struct.name in relevant)
+                ):
+                    relevant.add(name)
+                    changed = True
+                    break
+    return frozenset(relevant)
+
+
+_RELEVANT: frozenset[str] | None = None
+_EXTENSION_FIELDS = ("extension", "modifierExtension")
+
+
+def _needs_walk(ext: Any, depth: int = 0) -> bool:
+    """Whether an extension holds a value an invariant applies to (a Period, a Reference ...)."""
+    if type(ext) is not dict or depth > 8:
+        return False
+    fields = STRUCTS["Extension"].fields
+    for key, value in ext.items():
+        if key in _EXTENSION_FIELDS:
+            if type(value) is list and any(_needs_walk(v, depth + 1) for v in value):
+                return True
+            continue
+        el = fields.get(key)
+        if el is not None and el.struct is not None and el.struct.name in _RELEVANT:  # type: ignore[operator]
+            return True
+    return False
+
+
 def check_base_invariants(resource: dict[str, Any], location: str | None = None) -> list[Issue]:
     """Every failed R4 invariant in ``resource`` (nested resources included)."""
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
@@ -90,6 +136,9 @@ def check_base_invariants(resource: dict[str, Any], location: str | None = None)
         return []
     issues: list[Issue] = []
     by_type, by_path = _tables()
+    global _RELEVANT
+    if _RELEVANT is None:
+        _RELEVANT = _relevant()
     _walk(resource, st, location or resource["resourceType"], resource, resource, issues, by_type, by_path, 0)
     return issues
 
@@ -115,6 +164,14 @@ def _walk(
         if el is None:
             continue
         mode = el.mode
+        if key in _EXTENSION_FIELDS:
+            if type(val) is list:
+                for i, item in enumerate(val):
+                    if _needs_walk(item):
+                        _walk(item, el.struct, f"{path}.{key}[{i}]", resource, root, issues, by_type, by_path, depth + 1)  # type: ignore[arg-type]
+            continue
+        if el.struct is not None and el.struct.name not in _RELEVANT and el.path not in by_path._rows:  # type: ignore[operator]
+            continue
         here = by_path.get(el.path) if el.path not in STRUCTS and el.path in by_path._rows else None
         if mode == SINGLE_COMPLEX and type(val) is dict:
             if here:

@@ -149,3 +149,66 @@ def check_chinese_name(name: Any, resource: dict[str, Any]) -> list[Finding]:
             )
         ]
     return []
+
+
+HEALTH_RECORD_SYSTEM = "urn:oid:2.16.156.10011.1.2"
+HEALTH_CARD_SYSTEM = "urn:oid:2.16.156.10011.1.19"
+_DOCUMENT_TYPE_SYSTEM_SUFFIX = "/CodeSystem/cv02-01-101-id-document-type"
+_GB_SEX_SUFFIX = "/StructureDefinition/cn-gb-sex"
+
+
+def check_health_record_number(identifier: Any, resource: dict[str, Any]) -> list[Finding]:
+    """cn-id-4, at an Identifier: the health-record number is 17 digits."""
+    value = identifier.get("value") if isinstance(identifier, dict) else None
+    if isinstance(value, str) and len(value) == 17 and value.isascii() and value.isdigit():
+        return []
+    shown = value if isinstance(value, str) else ""
+    return [(False, f"Health record number must be 17 digits, found {shown!r}", f"健康档案编号应为 17 位数字，实际为“{shown}”")]
+
+
+def check_other_documents(patient: Any, resource: dict[str, Any]) -> list[Finding]:
+    """cn-id-5, at a Patient: an identifier that is none of 身份证 / 健康档案编号 / 健康卡 says its
+    document type with a CV02.01.101 code."""
+    if not isinstance(patient, dict):
+        return []
+    known = (ID_CARD_SYSTEM, HEALTH_RECORD_SYSTEM, HEALTH_CARD_SYSTEM)
+    for i, ident in enumerate(patient.get("identifier") or ()):
+        if not isinstance(ident, dict) or ident.get("system") in known:
+            continue
+        codings = ((ident.get("type") or {}).get("coding") or []) if isinstance(ident.get("type"), dict) else []
+        if not any(isinstance(c, dict) and str(c.get("system", "")).endswith(_DOCUMENT_TYPE_SYSTEM_SUFFIX) for c in codings):
+            return [
+                (
+                    False,
+                    f"identifier[{i}] is another ID document: its type needs a CV02.01.101 code",
+                    f"第 {i + 1} 个标识为其他证件，须用 CV02.01.101 标明证件类别",
+                )
+            ]
+    return []
+
+
+def check_gb_sex(patient: Any, resource: dict[str, Any]) -> list[Finding]:
+    """cn-sex-1, at a Patient: the GB/T 2261.1 code kept on gender agrees with gender
+    (1 男 → male, 2 女 → female, 0/9 → unknown)."""
+    if not isinstance(patient, dict):
+        return []
+    companion = patient.get("_gender")
+    code = None
+    for ext in (companion.get("extension") or ()) if isinstance(companion, dict) else ():
+        if isinstance(ext, dict) and str(ext.get("url", "")).endswith(_GB_SEX_SUFFIX):
+            coding = ext.get("valueCoding")
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                code = coding["code"]
+                break
+    if code is None:
+        return []
+    expected = {"1": "male", "2": "female"}.get(code, "unknown")
+    if patient.get("gender") == expected:
+        return []
+    return [
+        (
+            False,
+            f"GB/T 2261.1 sex code {code} means {expected}, but gender is {patient.get('gender')}",
+            f"性别代码（GB/T 2261.1：{code}）与性别（{patient.get('gender') or '未填写'}）不一致",
+        )
+    ]

@@ -19,6 +19,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+import orjson
+
 from fhir_server.outcome import Issue
 
 from .invariants import Invariant, compile_invariant, evaluate
@@ -68,6 +70,9 @@ class _Rule:
     closed: bool = False
     slices: dict[str, "_Rule"] = field(default_factory=dict)
     children: dict[str, "_Rule"] = field(default_factory=dict)
+    unknown_extensions: tuple[str, ...] = ()  # extension urls without a definition on this server
+    # (discriminator path, {value: slice name}) when every slice is told apart by one scalar value
+    slice_index: tuple[str, dict[Any, str]] | None = None
 
 
 @dataclass
@@ -77,6 +82,9 @@ class _Profile:
     root: _Rule
     base: str | None  # a base profile to check too (not a core type)
     title: str
+    # Whether the verdict on an element depends only on the element (no %resource, resolve()):
+    # then an extension's verdict can be kept by its content.
+    self_contained: bool = False
 
 
 def _zh(element: dict[str, Any], key: str) -> str | None:
@@ -105,6 +113,51 @@ def _segments(element: dict[str, Any]) -> list[tuple[str, str | None]]:
     return out
 
 
+def _index_slices(rule: _Rule) -> None:
+    """Slices told apart by one value each (identifier system, extension url): a dict lookup
+    instead of trying every slice on every item."""
+    for child in rule.children.values():
+        _index_slices(child)
+    for sl in rule.slices.values():
+        _index_slices(sl)
+    if not rule.slices:
+        return
+    discriminators = rule.discriminators or ((("value", "url"),) if rule.name in ("extension", "modifierExtension") else ())
+    usable = [d for d in discriminators if d[0] in ("value", "pattern")]
+    if len(usable) != 1:
+        return
+    path = usable[0][1]
+    index: dict[Any, str] = {}
+    for name, sl in rule.slices.items():
+        found, expected = _expected(sl, path)
+        if not found or isinstance(expected, (dict, list)) or expected in index:
+            return
+        index[expected] = name
+    rule.slice_index = (path, index)
+
+
+def _prune(rule: _Rule) -> bool:
+    """Drop rules that check nothing (elements a profile only documents or marks must-support);
+    True when ``rule`` itself checks nothing either."""
+    rule.children = {k: c for k, c in rule.children.items() if not _prune(c)}
+    for sl in rule.slices.values():
+        _prune(sl)
+    return not (
+        rule.children
+        or rule.slices
+        or rule.min
+        or (rule.max is not None and rule.max != _UNBOUNDED)
+        or (rule.types is not None and rule.name.endswith("[x]"))
+        or rule.extension_urls
+        or rule.target_types
+        or rule.has_fixed
+        or rule.has_pattern
+        or rule.binding
+        or rule.invariants
+        or rule.slice_name
+    )
+
+
 def _compile(sd: dict[str, Any]) -> _Profile:
     type_ = sd["type"]
     root = _Rule(type_, type_, sd.get("title") or type_)
@@ -126,9 +179,14 @@ def _compile(sd: dict[str, Any]) -> _Profile:
                 child = sl
             node = child
         _apply(node, el, sd.get("url", ""))
+    _index_slices(root)
+    _prune(root)
     base = sd.get("baseDefinition")
     base_profile = base if base and not base.startswith(CORE_PREFIX) else None
-    return _Profile(sd.get("url", ""), type_, root, base_profile, sd.get("title") or sd.get("name") or sd.get("url", ""))
+    expressions = [c.get("expression", "") for el in sd.get("differential", {}).get("element", ()) for c in el.get("constraint", ())]
+    self_contained = not any(w in e for e in expressions for w in ("%resource", "%rootResource", "%context", "resolve("))
+    title = sd.get("title") or sd.get("name") or sd.get("url", "")
+    return _Profile(sd.get("url", ""), type_, root, base_profile, title, self_contained and base_profile is None)
 
 
 def _apply(rule: _Rule, el: dict[str, Any], source: str) -> None:
@@ -189,6 +247,15 @@ _Item = tuple[Any, Any, str]  # value, its "_name" companion (primitives), locat
 def _items(container: Any, name: str, location: str) -> list[_Item]:
     if not isinstance(container, dict):
         return []
+    if name[-1] != "]":
+        value = container.get(name)
+        companion = container.get("_" + name)
+        if value is None and companion is None:
+            return []
+        if type(value) is list and companion is None:
+            return [(v, None, f"{location}.{name}[{i}]") for i, v in enumerate(value) if v is not None]
+        if type(value) is not list and type(companion) is not list:
+            return [(value, companion, f"{location}.{name}")]
     keys: Iterable[str]
     if name.endswith("[x]"):
         prefix = name[:-3]
@@ -305,8 +372,8 @@ class _Run:
             self.slices(rule, items, parent_location)
         # The extensions' own definitions are checked once for the whole resource
         # (ProfileValidator.check_extensions); here only that they are known.
-        for url in rule.extension_urls:
-            if items and self.v.definitions.structure_definition(url) is None:
+        for url in rule.unknown_extensions:
+            if items:
                 self.add(
                     "not-found",
                     f"Extension definition {url} is not known to this server",
@@ -421,13 +488,23 @@ class _Run:
         discriminators = rule.discriminators or ((("value", "url"),) if rule.name in ("extension", "modifierExtension") else ())
         groups: dict[str, list[_Item]] = {name: [] for name in rule.slices}
         unmatched: list[_Item] = []
-        for item in items:
-            for name, sl in rule.slices.items():
-                if _in_slice(item[0], sl, discriminators):
-                    groups[name].append(item)
-                    break
-            else:
-                unmatched.append(item)
+        if rule.slice_index is not None:
+            path, index = rule.slice_index
+            for item in items:
+                name = None
+                for actual in _at(item[0], path):
+                    if isinstance(actual, (str, int, float, bool)) and actual in index:
+                        name = index[actual]
+                        break
+                (groups[name] if name is not None else unmatched).append(item)
+        else:
+            for item in items:
+                for name, sl in rule.slices.items():
+                    if _in_slice(item[0], sl, discriminators):
+                        groups[name].append(item)
+                        break
+                else:
+                    unmatched.append(item)
         for name, sl in rule.slices.items():
             self.element(sl, groups[name], parent_location)
         if rule.closed:
@@ -461,8 +538,6 @@ def _in_slice(value: Any, sl: _Rule, discriminators: Iterable[tuple[str, str]]) 
 
 
 def _show(value: Any) -> str:
-    import orjson
-
     text = orjson.dumps(value).decode() if not isinstance(value, str) else value
     return text if len(text) <= 120 else text[:117] + "..."
 
@@ -478,6 +553,13 @@ def _show_code(pattern: Any) -> str:
     return _show(pattern)
 
 
+def _note_unknown_extensions(rule: _Rule, definitions: Definitions) -> None:
+    # Compiled profiles are dropped whenever the definitions change, so this stays true.
+    rule.unknown_extensions = tuple(u for u in rule.extension_urls if definitions.structure_definition(u) is None)
+    for child in [*rule.children.values(), *rule.slices.values()]:
+        _note_unknown_extensions(child, definitions)
+
+
 class ProfileValidator:
     """Validates resources against profiles held by ``definitions``; compiled profiles are kept
     until the definitions change."""
@@ -485,11 +567,13 @@ class ProfileValidator:
     def __init__(self, definitions: Definitions) -> None:
         self.definitions = definitions
         self._compiled: dict[str, _Profile | None] = {}
+        self._extension_verdicts: dict[tuple[str, bytes], list[tuple[str, str, str, str, str | None]]] = {}
         self._generation = -1
 
     def profile(self, url: str) -> _Profile | None:
         if self.definitions.generation != self._generation:
             self._compiled.clear()
+            self._extension_verdicts.clear()
             self._generation = self.definitions.generation
         if url in self._compiled:
             return self._compiled[url]
@@ -498,6 +582,7 @@ class ProfileValidator:
         if sd is not None and sd.get("differential"):
             try:
                 compiled = _compile(sd)
+                _note_unknown_extensions(compiled.root, self.definitions)
             except Exception:  # a malformed stored profile must not break every write
                 log.exception("StructureDefinition %s cannot be compiled", url)
         self._compiled[url] = compiled
@@ -555,16 +640,43 @@ class ProfileValidator:
                 "warning",
             )
             return
+        key = None
+        if prof.self_contained:
+            try:
+                key = (url, orjson.dumps(value))
+            except TypeError:  # not JSON (a dict built by hand with odd values): no caching
+                key = None
+            hit = self._extension_verdicts.get(key) if key else None
+            if hit is not None:
+                run.issues += [Issue(c, en, sev, (location + suffix,), zh) for c, en, sev, suffix, zh in hit]  # type: ignore[arg-type]
+                return
         inner = _Run(self, run.resource, prof)
         inner.item(prof.root, (value, None, location))
         run.issues += inner.issues
+        if key is not None:
+            # Extensions repeat across resources (the same ethnicity, occupation, district...).
+            if len(self._extension_verdicts) > 20_000:
+                self._extension_verdicts.clear()
+            self._extension_verdicts[key] = [
+                (i.code, i.diagnostics, i.severity, (i.expression[0] if i.expression else location)[len(location) :], i.details_zh)
+                for i in inner.issues
+            ]
 
-    def check_extensions(self, resource: dict[str, Any], location: str) -> list[Issue]:
-        """Every extension in ``resource`` whose definition this server holds, checked against it."""
+    def check_extensions(
+        self, resource: dict[str, Any], location: str, found: list[tuple[dict[str, Any], str]] | None = None
+    ) -> list[Issue]:
+        """Every extension in ``resource`` whose definition this server holds, checked against it
+        (``found``: the extensions and their locations, when the structural walk collected them)."""
         issues: list[Issue] = []
         dummy = _Profile("", resource.get("resourceType", ""), _Rule("", "", ""), None, "")
         run = _Run(self, resource, dummy)
-        self._walk_extensions(run, resource, location, 0)
+        if found is None:
+            self._walk_extensions(run, resource, location, 0)
+        else:
+            for ext, where in found:
+                url = ext.get("url")
+                if isinstance(url, str) and self.definitions.structure_definition(url) is not None:
+                    self._extension(run, url, (ext, None, where))
         for i in run.issues:
             issues.append(Issue(i.code, i.diagnostics.replace(" (profile )", ""), i.severity, i.expression, i.details_zh))
         return issues

@@ -43,6 +43,15 @@ class Validator:
         """Claimed (meta.profile), requested and required profiles, each once, in that order."""
         return list(self._profiles(resource, extra))
 
+    def applicable(self, resource: dict[str, Any]) -> bool:
+        """Whether a write of ``resource`` is checked beyond its structure: it claims a profile
+        this server holds, or its type has a required profile. (Claims of profiles the server
+        does not hold, such as US Core on Synthea data, change nothing.)"""
+        for url, only_claimed in self._profiles(resource, ()).items():
+            if not only_claimed or self.profiles.definitions.structure_definition(url) is not None:
+                return True
+        return False
+
     def _profiles(self, resource: dict[str, Any], extra: Iterable[str]) -> dict[str, bool]:
         """url → whether it is only claimed (so an unknown one is not the caller's error)."""
         out: dict[str, bool] = {}
@@ -62,16 +71,19 @@ class Validator:
         profiles: Iterable[str] = (),
         max_depth: int = 64,
         structure: bool = True,
+        extensions: list[tuple[dict[str, Any], str]] | None = None,
         claimed_unknown: str = "error",
     ) -> list[Issue]:
         """Every issue of ``resource``: errors, warnings and information. ``claimed_unknown`` is
-        the severity of a profile claimed in meta.profile that the server does not hold."""
-        issues = validate_resource(resource, max_depth=max_depth) if structure else []
+        the severity of a profile claimed in meta.profile that the server does not hold. Without
+        ``structure`` (checked already), ``extensions`` may pass on what that check collected."""
+        found: list[tuple[dict[str, Any], str]] | None = [] if structure else extensions
+        issues = validate_resource(resource, max_depth=max_depth, extensions=found) if structure else []
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             return issues
         rtype = resource["resourceType"]
         issues += check_base_invariants(resource)
-        issues += self.profiles.check_extensions(resource, rtype)
+        issues += self.profiles.check_extensions(resource, rtype, found)
         for url, only_claimed in self._profiles(resource, profiles).items():
             found = self.profiles.validate(resource, url)
             if only_claimed and claimed_unknown != "error":
