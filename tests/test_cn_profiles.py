@@ -103,3 +103,23 @@ async def test_each_invalid_example_fails_with_the_expected_issue(
     if any(w.get("severity", "error") == "error" for w in EXPECTED[name]):
         r = await cn_client.post(f"/{resource['resourceType']}", json={k: v for k, v in resource.items() if k != "id"})
         assert r.status_code == 422, r.text[:500]
+
+
+async def test_another_canonical_base_is_used_throughout(mongo_uri: str) -> None:
+    """FHIR_CANONICAL_BASE rewrites the shipped urls (expressions included); validation follows."""
+    base = "https://ehr.example.sh.cn/fhir"
+    app = create_app(make_settings(mongo_uri, load_conformance=True, canonical_base=base))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/fhir", timeout=120) as c:
+            r = await c.get("/StructureDefinition", params={"url": f"{base}/StructureDefinition/cn-patient"})
+            assert r.json()["total"] == 1
+            text = (PROFILES / "examples" / "Patient-cn-patient-example.json").read_text(encoding="utf-8")
+            patient = json.loads(text.replace("https://fhir.cn-ehr.org", base))
+            patient.pop("generalPractitioner", None)
+            patient.pop("managingOrganization", None)
+            r = await c.post("/Patient/$validate", json=patient)
+            assert [i for i in r.json()["issue"] if i["severity"] == "error"] == []
+            patient["identifier"][0]["value"] = patient["identifier"][0]["value"][:17] + ("0" if patient["identifier"][0]["value"][17] != "0" else "1")
+            r = await c.post("/Patient/$validate", json=patient)
+            errors = [i for i in r.json()["issue"] if i["severity"] == "error"]
+            assert len(errors) == 1 and errors[0]["details"]["text"].startswith("身份证号校验位错误")

@@ -14,6 +14,7 @@ from fhir_server.interactions.context import Tx
 from fhir_server.outcome import FhirError, bad_request
 from fhir_server.search.query import RESULT_PARAMS, compile_search
 from fhir_server.storage.base import Stored
+from fhir_server.terminology.service import terminology_for
 
 
 def parse_criteria(criteria: str) -> list[tuple[str, str]]:
@@ -40,6 +41,7 @@ async def find_matches(
         type_,
         selecting,
         lookup=tx.unit,
+        terminology=terminology_for(tx.server.conformance),
         default_count=limit,
         max_count=limit,
         max_matches=tx.settings.max_chain_matches,

@@ -22,20 +22,23 @@ from fhir_server.outcome import FhirError, Issue, bad_request, operation_outcome
 from fhir_server.search import include, paging
 from fhir_server.search.query import CompiledSearch, compile_search, sort_keys
 from fhir_server.storage.base import Store, Stored, UnitOfWork
+from fhir_server.terminology.service import TerminologyService, terminology_for
 
 _ENVELOPE = ("_format", "_pretty")
 
 
 async def search(server: Server, req: FhirRequest) -> FhirResponse:
-    return await _search(server.settings, server.store, req)
+    return await _search(server.settings, server.store, req, terminology_for(server.conformance))
 
 
 async def search_in(tx: Tx, req: FhirRequest) -> FhirResponse:
     """A search inside a transaction: sees the transaction's own writes."""
-    return await _search(tx.settings, tx.unit, req)
+    return await _search(tx.settings, tx.unit, req, terminology_for(tx.server.conformance))
 
 
-async def _search(settings: Settings, store: Store | UnitOfWork, req: FhirRequest) -> FhirResponse:
+async def _search(
+    settings: Settings, store: Store | UnitOfWork, req: FhirRequest, terminology: TerminologyService
+) -> FhirResponse:
     query = [(k, v) for k, v in req.query if k not in _ENVELOPE]
     types, query, path = await _target_types(store, req, query)
     compartment = _compartment_filter(req, types)
@@ -46,6 +49,7 @@ async def _search(settings: Settings, store: Store | UnitOfWork, req: FhirReques
             type_,
             query,
             lookup=store,
+            terminology=terminology,
             default_count=settings.default_count,
             max_count=settings.max_count,
             max_matches=settings.max_chain_matches,

@@ -93,6 +93,8 @@ class _Context:
     lookup: Lookup
     base_url: str
     max_matches: int
+    # The server's terminology service (registry-backed: filters, imports); None: stored resources only.
+    terminology: Any = None
 
 
 async def compile_search(
@@ -105,9 +107,10 @@ async def compile_search(
     max_matches: int = 100_000,
     lenient: bool = False,
     base_url: str = "",
+    terminology: Any = None,
 ) -> CompiledSearch:
     """Compile a search on ``resource_type``; unknown parameters are a 400 unless ``lenient``."""
-    ctx = _Context(lookup, base_url, max_matches)
+    ctx = _Context(lookup, base_url, max_matches, terminology)
     ands: list[Condition] = []
     result = CompiledSearch(filter={}, sort=[paging.SortKey("_id", 1)], count=default_count)
     for raw_name, value in query:
@@ -250,7 +253,10 @@ async def _token_clause(ctx: _Context, sp: SearchParam, name: str, modifier: str
     if modifier in ("in", "not-in"):
         members: set[tuple[str, str]] = set()
         for v in values:
-            found = await terminology.valueset_members(ctx.lookup, grammar.unescape(v))
+            url = grammar.unescape(v)
+            found = ctx.terminology.members(url) if ctx.terminology is not None else None
+            if found is None:
+                found = await terminology.valueset_members(ctx.lookup, url)
             if found is None:
                 raise grammar.not_supported(f"The value set '{v[:100]}' is not known to this server", name)
             members.update(found)
@@ -262,12 +268,22 @@ async def _token_clause(ctx: _Context, sp: SearchParam, name: str, modifier: str
             parts = grammar.split_pipe(v)
             if len(parts) != 2 or not parts[0] or not parts[1]:
                 raise bad_request(f":{modifier} takes system|code, got '{v[:60]}'", expression=[name])
-            related = await terminology.related_codes(ctx.lookup, parts[0], parts[1], modifier)
+            related = _related(ctx, parts[0], parts[1], modifier)
+            if related is None:
+                related = await terminology.related_codes(ctx.lookup, parts[0], parts[1], modifier)
             if related is None:
                 raise grammar.not_supported(f"The server knows no hierarchy for {parts[0][:100]}|{parts[1][:40]}", name)
             codes.update(f"{parts[0]}|{c}" for c in related)
         return {path: {"$in": sorted(codes)}}
     raise grammar.unsupported_modifier(name, modifier)
+
+
+def _related(ctx: _Context, system: str, code: str, direction: str) -> set[str] | None:
+    """``code`` and its descendants (below) or ancestors (above), from the terminology service."""
+    cs = ctx.terminology.code_system(system) if ctx.terminology is not None else None
+    if cs is None or cs.find(code) is None:
+        return None
+    return {code, *(cs.ancestors(code) if direction == "above" else cs.descendants(code))}
 
 
 def _token_match(path: str, name: str, value: str) -> Condition:
