@@ -228,6 +228,9 @@ async def test_expand_errors(tx: httpx.AsyncClient) -> None:
     assert _CHINESE.search(issue["details"]["text"]) and f"{B}/ValueSet/nope" in issue["diagnostics"]
     _assert_outcome(await tx.get("/ValueSet/$expand"), 400)
     _assert_outcome(await tx.get("/ValueSet/$expand", params={"url": ETHNICITY_VS, "count": "-1"}), 400)
+    # a count beyond a FHIR integer was echoed into expansion.parameter and broke the JSON writer (500)
+    _assert_outcome(await tx.get("/ValueSet/$expand", params={"url": ETHNICITY_VS, "count": "1" + "0" * 30}), 400)
+    _assert_outcome(await tx.get("/ValueSet/$expand", params={"url": ETHNICITY_VS, "offset": str(2**40)}), 400)
     _assert_outcome(await tx.get("/ValueSet/$expand", params={"url": ETHNICITY_VS, "offset": "x"}), 400)
     unknown_system = {
         "resourceType": "ValueSet",

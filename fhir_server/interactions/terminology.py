@@ -68,11 +68,15 @@ class _Params:
         if raw is None:
             return None
         try:
-            value = int(raw)
+            value = int(raw) if len(raw) <= 12 else -1
         except ValueError:
             value = -1
-        if value < 0:
-            _bad(f"The parameter {name} must be a non-negative integer, got {raw[:40]!r}", f"参数 {name} 必须是非负整数", expression=name)
+        if not 0 <= value <= _MAX_INTEGER:
+            _bad(
+                f"The parameter {name} must be an integer from 0 to {_MAX_INTEGER}, got {raw[:40]!r}",
+                f"参数 {name} 必须是 0 到 {_MAX_INTEGER} 之间的整数",
+                expression=name,
+            )
         return value
 
     def boolean(self, name: str) -> bool:
@@ -119,6 +123,10 @@ def _coding(value: Any, name: str) -> Coding:
             display if isinstance(display, str) else None,
         )
     _bad(f"The parameter {name} must be a Coding with a code", f"参数 {name} 必须是含 code 的 Coding", expression=name)
+
+
+# count / offset beyond this are nonsense (and would not fit the 32-bit FHIR integer).
+_MAX_INTEGER = 2**31 - 1
 
 
 def _bad(en: str, zh: str, code: str = "required", *, expression: str | None = None) -> NoReturn:
