@@ -21,6 +21,7 @@ from typing import Any, Iterable, Protocol
 
 import orjson
 
+from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.outcome import Issue
 
 from .invariants import Invariant, compile_invariant, evaluate
@@ -30,6 +31,8 @@ log = logging.getLogger("fhir_server.validation")
 __all__ = ["Definitions", "ProfileValidator", "CORE_PREFIX"]
 
 CORE_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
+# Core type names a targetProfile may end with (others, such as .../vitalsigns, are profiles).
+_TARGET_TYPES = RESOURCE_TYPES | {"Resource", "DomainResource"}
 _TRANSLATION = "http://hl7.org/fhir/StructureDefinition/translation"
 _UNBOUNDED = 1 << 62
 
@@ -315,7 +318,8 @@ def _at(value: Any, path: str) -> list[Any]:
 
 
 def _expected(slice_rule: _Rule, path: str) -> tuple[bool, Any]:
-    """What a slice fixes at a discriminator path: (found, value-or-pattern)."""
+    """What a slice fixes at a discriminator path: (found, value-or-pattern). The value may sit
+    in a slice of an element on the way (bp: code.coding:SBPCode.code fixed to 8480-6)."""
     if path in ("$this", ""):
         if slice_rule.has_fixed:
             return True, slice_rule.fixed
@@ -324,16 +328,22 @@ def _expected(slice_rule: _Rule, path: str) -> tuple[bool, Any]:
         return False, None
     if path == "url" and slice_rule.extension_urls and "url" not in slice_rule.children:
         return True, slice_rule.extension_urls[0]
-    node = slice_rule
-    for step in path.split("."):
-        child = node.children.get(step)
-        if child is None:
-            return False, None
-        node = child
-    if node.has_fixed:
-        return True, node.fixed
-    if node.has_pattern:
-        return True, node.pattern
+    return _fixed_at(slice_rule, path.split("."))
+
+
+def _fixed_at(node: _Rule, steps: list[str]) -> tuple[bool, Any]:
+    if not steps:
+        if node.has_fixed:
+            return True, node.fixed
+        if node.has_pattern:
+            return True, node.pattern
+        return False, None
+    for holder in (node, *node.slices.values()):
+        child = holder.children.get(steps[0])
+        if child is not None:
+            found = _fixed_at(child, steps[1:])
+            if found[0]:
+                return found
     return False, None
 
 
@@ -468,7 +478,7 @@ class _Run:
         ref_type = parts[-4] if len(parts) >= 4 and parts[-2] == "_history" else parts[-2]
         allowed = set()
         for url in rule.target_types or ():
-            if url.startswith(CORE_PREFIX):
+            if url.startswith(CORE_PREFIX) and url[len(CORE_PREFIX) :] in _TARGET_TYPES:
                 allowed.add(url[len(CORE_PREFIX) :])
             else:
                 sd = self.v.definitions.structure_definition(url)

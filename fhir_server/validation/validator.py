@@ -72,10 +72,11 @@ class Validator:
         max_depth: int = 64,
         structure: bool = True,
         extensions: list[tuple[dict[str, Any], str]] | None = None,
-        claimed_unknown: str = "error",
+        claimed_unknown: str = "warning",
     ) -> list[Issue]:
         """Every issue of ``resource``: errors, warnings and information. ``claimed_unknown`` is
-        the severity of a profile claimed in meta.profile that the server does not hold. Without
+        the severity of a profile claimed in meta.profile that the server does not hold (a
+        warning, as HL7's validator says it; one asked for or required is an error). Without
         ``structure`` (checked already), ``extensions`` may pass on what that check collected."""
         found: list[tuple[dict[str, Any], str]] | None = [] if structure else extensions
         issues = validate_resource(resource, max_depth=max_depth, extensions=found) if structure else []
