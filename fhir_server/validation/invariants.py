@@ -32,6 +32,8 @@ from fhirpathpy.parser import parse as _parse
 
 from fhir_server.outcome import Issue
 
+from .fastpath import CHOICES, Unsupported, compile_fast
+
 log = logging.getLogger("fhir_server.validation")
 
 __all__ = ["Invariant", "compile_invariant", "evaluate", "NATIVE", "Finding"]
@@ -168,7 +170,7 @@ def _dependencies(node: dict[str, Any]) -> frozenset[str] | None:
 class _Leaf:
     """One operand: evaluated by fhirpathpy, or folded when the children it reads are absent."""
 
-    __slots__ = ("fn", "names", "base", "_folded", "_presence")
+    __slots__ = ("fn", "names", "base", "_folded", "_presence", "fast")
 
     def __init__(self, node: dict[str, Any], base: str) -> None:
         self.fn = set_paths(apply_parsed_path, parsedPath={"children": [node]}, model=_R4, options=_OPTIONS)
@@ -176,11 +178,21 @@ class _Leaf:
         self.base = base
         self._folded: list[Any] | Exception | None = None
         self._presence = _presence_test(node)
+        self.fast = compile_fast(node)
 
     def run(self, node: Any, resource: dict[str, Any], root: dict[str, Any]) -> list[Any]:
         if self._presence is not None and isinstance(node, dict):
             path, wanted = self._presence
             return [_exists(node, path) is wanted]
+        if self.fast is not None and isinstance(node, dict):
+            try:
+                fast = self.fast(node)
+            except Unsupported:
+                pass
+            else:
+                if CROSS_CHECK:
+                    _cross_check(self, node, resource, root, fast)
+                return fast
         if self.names is not None and not _present(node, self.names):
             hit = self._folded
             if hit is None:
@@ -232,16 +244,8 @@ def _presence_test(node: dict[str, Any]) -> tuple[tuple[str, ...], bool] | None:
     return None if wanted is None else (tuple(members), wanted)
 
 
-def _choice_names() -> frozenset[str]:
-    from fhir_server.definitions import load_model
-
-    return frozenset(
-        row["p"].rsplit(".", 1)[-1][:-3] for t in load_model()["types"].values() for row in t["elements"] if row["p"].endswith("[x]")
-    )
-
-
 # Names that may appear as name + Type (value → valueQuantity); others are looked up directly.
-_CHOICES = _choice_names()
+_CHOICES = CHOICES
 
 
 def _children(item: dict[str, Any], name: str) -> list[Any]:
@@ -274,6 +278,17 @@ def _exists(node: dict[str, Any], path: tuple[str, ...]) -> bool:
             return False
         current = nxt
     return True
+
+
+# Tests set this: every fast-path answer is compared with fhirpathpy's.
+CROSS_CHECK = False
+
+
+def _cross_check(leaf: "_Leaf", node: Any, resource: dict[str, Any], root: dict[str, Any], fast: list[Any]) -> None:
+    slow = leaf.fn(ResourceNode.create_node(node, leaf.base) if "." in leaf.base or "resourceType" not in node else node,
+                   {"resource": resource, "rootResource": root})
+    if _passed(slow) != _passed(fast):
+        raise AssertionError(f"fast path {fast} but fhirpathpy {slow} at {leaf.base}")
 
 
 class _Logic:
