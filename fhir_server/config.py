@@ -50,12 +50,22 @@ class Settings:
     # Profiles every resource of a type must conform to on write: "Patient=url,Observation=url".
     required_profiles: str = ""
 
+    # Master patient index (fhir_server/mpi): match probabilities (0..1) at or above which a source
+    # Patient is linked to a golden Patient automatically, or queued for review (a Task). 0.95 needs
+    # name + birth date + sex and one more agreeing field (phone, district, guardian), or a
+    # three-character name; 0.60 takes a two-character name + birth date + sex alone, which a clerk
+    # should confirm (same-name, same-day residents exist in a city). Scores: fhir_server/mpi/match.py.
+    mpi_auto_link: float = 0.95
+    mpi_review: float = 0.60
+
 
 def _coerce(value: str, kind: type) -> Any:
     if kind is bool:
         return value.strip().lower() in ("1", "true", "yes", "on")
     if kind is int:
         return int(value)
+    if kind is float:
+        return float(value)
     return value
 
 
@@ -69,7 +79,10 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
             values.update(tomllib.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ValueError(f"cannot read settings file {path}: {e}") from None
-    kinds = {f.name: (int if f.type in ("int",) else bool if f.type == "bool" else str) for f in fields(Settings)}
+    kinds = {
+        f.name: (int if f.type == "int" else float if f.type == "float" else bool if f.type == "bool" else str)
+        for f in fields(Settings)
+    }
     for name, kind in kinds.items():
         env = os.environ.get("FHIR_" + name.upper())
         if env is not None:

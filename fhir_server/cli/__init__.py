@@ -6,6 +6,9 @@
     fhir-server mongod stop  --dbpath DIR
     fhir-server load PATH... [--url URL] [--concurrency N]
     fhir-server reindex [--url URL] [--param SP_URL]...
+    fhir-server simulate-upstream immunization [--port P] [--seed S] [--children N]
+    fhir-server sync immunization [--url URL] [--token T] [--file PAGE.xml.gz]... [--full] [--every SECONDS]
+    fhir-server deadletter list|replay immunization
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from fhir_server.cli.connectors import deadletter_group, simulate_upstream, sync_command
 from fhir_server.cli.loader import load_command
 from fhir_server.cli.reindex import reindex_command
 from fhir_server.config import load_settings
@@ -131,6 +135,9 @@ def mongod_stop(dbpath: str) -> None:
 
 cli.add_command(load_command, "load")
 cli.add_command(reindex_command, "reindex")
+cli.add_command(simulate_upstream, "simulate-upstream")
+cli.add_command(sync_command, "sync")
+cli.add_command(deadletter_group, "deadletter")
 
 
 def main() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 from fastapi import FastAPI
 from pymongo import AsyncMongoClient
@@ -27,6 +28,7 @@ log = logging.getLogger("fhir_server")
 def build_server(settings: Settings, store: MongoStore) -> Server:
     """Attach the interceptors the settings ask for."""
     from fhir_server.interactions import validate  # noqa: F401  (registers $validate)
+    from fhir_server.interactions import mpi  # noqa: F401  (registers $match, $merge, $everything, ...)
     from fhir_server.interceptors import search_parameters, validation
     from fhir_server.interceptors.integrity import check_references
 
@@ -41,6 +43,16 @@ def build_server(settings: Settings, store: MongoStore) -> Server:
 
     conformance_watch.install(server)  # registry updates after commit; terminology operations
     return server
+
+
+_SHUTDOWN_STEP_SECONDS = 10.0
+
+
+async def _bounded(step: Awaitable[None], what: str) -> None:
+    try:
+        await asyncio.wait_for(step, _SHUTDOWN_STEP_SECONDS)
+    except asyncio.TimeoutError:
+        log.warning("stopping the %s took over %.0f s; going on", what, _SHUTDOWN_STEP_SECONDS)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,11 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # Each step is bounded: a change stream stuck in the driver must not hold shutdown.
             if server.reindexer is not None:
-                await server.reindexer.close()
-            await conformance.stop()
-            await watch.stop()
-            await client.close()
+                await _bounded(server.reindexer.close(), "re-index runner")
+            await _bounded(conformance.stop(), "conformance watch")
+            await _bounded(watch.stop(), "SearchParameter watch")
+            await _bounded(client.close(), "MongoDB client")
 
     app = FastAPI(title="fhir-server-cn", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_routes(app, settings.base_path)

@@ -66,11 +66,27 @@ def _statement(base_url: str, conditional_delete: str) -> dict[str, Any]:
                 ],
                 "compartment": [f"http://hl7.org/fhir/CompartmentDefinition/{c[0].lower() + c[1:]}" for c in _compartments()],
                 "operation": [
-                    {"name": op.name, "definition": f"{base_url}/OperationDefinition/{op.name}"} for op in registered()
+                    {"name": op.name, "definition": _HL7_OPERATIONS.get(op.name, f"{base_url}/OperationDefinition/{op.name}")}
+                    for op in registered()
                 ],
             }
         ],
     }
+
+
+# Operations the specification defines: their official definitions (the others are this server's).
+_HL7_OPERATIONS = {
+    name: f"http://hl7.org/fhir/OperationDefinition/{definition}"
+    for name, definition in {
+        "validate": "Resource-validate",
+        "expand": "ValueSet-expand",
+        "lookup": "CodeSystem-lookup",
+        "validate-code": "ValueSet-validate-code",
+        "translate": "ConceptMap-translate",
+        "match": "Patient-match",
+        "everything": "Patient-everything",
+    }.items()
+}
 
 
 @lru_cache(maxsize=1)

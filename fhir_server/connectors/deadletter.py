@@ -1,0 +1,94 @@
+"""Records that could not be turned into FHIR, with a reason in Chinese and English.
+
+One document per (source, record id, content hash): the same bad record sent again is counted
+again (``seen``) but stored once. Each keeps the raw bytes and what the replay needs (the parent
+record's key), so ``fhir-server deadletter replay`` can retry it after the mapping or the upstream
+data was fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from fhir_server.connectors._db import DEAD_LETTERS, database
+from fhir_server.interactions.context import Server
+
+
+@dataclass
+class Rejection:
+    """Why one source record was refused."""
+
+    kind: str  # child | inoculation | aefi | page ...
+    record_id: str
+    code: str  # schema | unknown-code | impossible-date | id-check-digit | parent-rejected | not-well-formed | server-refused
+    reason_zh: str
+    reason_en: str
+    raw: bytes = b""
+    context: dict[str, Any] = field(default_factory=dict)  # e.g. the parent child element for a replay
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
+
+
+async def put(server: Server, source: str, rejections: list[Rejection], run_id: str) -> None:
+    if not rejections:
+        return
+    from pymongo import UpdateOne
+
+    now = datetime.now(timezone.utc)
+    ops = []
+    for r in rejections:
+        key = f"{source}|{r.record_id}|{r.sha256}"
+        ops.append(
+            UpdateOne(
+                {"_id": key},
+                {
+                    "$set": {
+                        "source": source,
+                        "kind": r.kind,
+                        "record_id": r.record_id,
+                        "code": r.code,
+                        "reason_zh": r.reason_zh,
+                        "reason_en": r.reason_en,
+                        "raw": r.raw,
+                        "sha256": r.sha256,
+                        "context": r.context,
+                        "last_seen": now,
+                        "run_id": run_id,
+                        "status": "open",
+                    },
+                    "$setOnInsert": {"first_seen": now},
+                    "$inc": {"seen": 1},
+                },
+                upsert=True,
+            )
+        )
+    await database(server)[DEAD_LETTERS].bulk_write(ops, ordered=False)
+
+
+async def list_open(server: Server, source: str | None = None, *, status: str = "open", limit: int = 1000) -> list[dict[str, Any]]:
+    query: dict[str, Any] = {"status": status} if status != "all" else {}
+    if source:
+        query["source"] = source
+    cursor = database(server)[DEAD_LETTERS].find(query).sort([("first_seen", 1), ("_id", 1)]).limit(limit)
+    return [d async for d in cursor]
+
+
+async def count(server: Server, source: str | None = None, status: str = "open") -> int:
+    query: dict[str, Any] = {"status": status} if status != "all" else {}
+    if source:
+        query["source"] = source
+    return await database(server)[DEAD_LETTERS].count_documents(query)
+
+
+async def resolve(server: Server, keys: list[str], run_id: str) -> None:
+    """Mark dead letters that a replay turned into FHIR."""
+    if keys:
+        now = datetime.now(timezone.utc)
+        await database(server)[DEAD_LETTERS].update_many(
+            {"_id": {"$in": keys}}, {"$set": {"status": "resolved", "resolved": now, "resolved_by": run_id}}
+        )

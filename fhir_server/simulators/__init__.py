@@ -1,0 +1,1 @@
+"""Runnable upstream systems serving reproducible synthetic Chinese data (for demos, tests, benches)."""
