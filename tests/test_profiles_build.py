@@ -42,7 +42,7 @@ CATALOGUE_VALUESETS = {
     "service-activity-type", "loinc-vital-signs", "loinc-report-labs", "shanghai-districts",
     "health-tag-maternal-child", "health-tag-elderly", "health-tag-chronic-disease",
     "health-tag-notifiable-infectious", "health-tag-weight-status", "health-tag-blood-type", "id-document-type",
-    "health-tag-value",
+    "health-tag-value", "mpi",
 }
 GB11643_WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
 GB11643_CHECK = "10X98765432"

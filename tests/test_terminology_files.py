@@ -45,7 +45,7 @@ _PROJECT = [
     "tcm-constitution", "tcm-constitution-result", "health-tag-category", "health-tag", "pregnancy-risk-grade",
     "key-population-label", "residence-type", "address-category", "cn-identifier-type", "vaccine-code",
     "immunization-funding", "ehr-document-type", "ehr-section", "careplan-category", "careteam-role",
-    "service-activity-type", "example-local-lab",
+    "service-activity-type", "example-local-lab", "mpi",
 ]
 _CODE_SYSTEMS = {**_NATIONAL, **{i: f"{_BASE}/CodeSystem/{i}" for i in _PROJECT}}
 _EXTRA_VALUE_SETS = [
