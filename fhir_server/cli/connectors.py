@@ -18,13 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-_SOURCES = ("immunization",)
+_SOURCES = ("immunization", "emr")
 
 
 def _connector(source: str) -> Any:
+    from fhir_server.connectors.emr import EmrConnector
     from fhir_server.connectors.immunization import ImmunizationConnector
 
-    return {"immunization": ImmunizationConnector}[source]()
+    return {"immunization": ImmunizationConnector, "emr": EmrConnector}[source]()
 
 
 @asynccontextmanager
@@ -78,14 +79,19 @@ def simulate_upstream(source: str, host: str, port: int, seed: int, children: in
     from fhir_server.simulators.immunization import ImmunizationUpstream
 
     started = time.perf_counter()
-    upstream = ImmunizationUpstream(seed, children)
+    if source == "emr":  # --children = residents with hospital documents
+        from fhir_server.simulators.emr import EmrUpstream
+
+        upstream: Any = EmrUpstream(seed, children)
+    else:
+        upstream = ImmunizationUpstream(seed, children)
     upstream.faults.transient_every, upstream.faults.slow_every, upstream.faults.delay = transient_every, slow_every, delay
     httpd = upstream.server(host, port, token)
     console = Console()
     console.print(
-        f"免疫规划模拟上游 immunization upstream: {len(upstream.deliveries):,} deliveries for {children:,} children "
+        f"{'医院电子病历文档库 EMR registry' if source == 'emr' else '免疫规划模拟上游 immunization upstream'}: {len(upstream.deliveries):,} deliveries for {children:,} children "
         f"(seed {seed}, built in {time.perf_counter() - started:.1f} s)\n"
-        f"  GET http://{host}:{port}/children?since=0&limit=100  (Authorization: Bearer {token})\n"
+        f"  GET http://{host}:{port}/{'documents' if source == 'emr' else 'children'}?since=0&limit=100  (Authorization: Bearer {token})\n"
         f"  expected full-sync counts: " + ", ".join(f"{k} {upstream.truth[k]:,}" for k in ("received", "created", "updated", "unchanged", "rejected"))
     )
     try:
@@ -101,6 +107,8 @@ async def _sync_once(server: Any, source: str, url: str | None, token: str | Non
     from fhir_server.connectors.transport import FileTransport, HttpTransport
 
     connector = _connector(source)
+    if source == "emr" and url and url.endswith("/children"):  # the registry serves /documents
+        url = url[: -len("children")] + "documents"
     transport = FileTransport(list(files)) if files else HttpTransport(url or "", token, page_size=page_size, timeout=timeout)
     console = Console(stderr=True)
     try:
@@ -114,7 +122,7 @@ async def _sync_once(server: Any, source: str, url: str | None, token: str | Non
                 body_records = report.received
                 if page.total is not None and progress.tasks[0].total is None:
                     progress.update(task, total=page.total)
-                done[0] += page.body.count(b"<child>")
+                done[0] += page.body.count(b"<child>") + page.body.count(b'"xml":')
                 progress.update(task, completed=done[0], detail=f"{body_records:,} records · {report.created:,} new · {report.rejected:,} rejected")
 
             return await runner.sync(server, connector, transport, full=full, on_page=on_page)

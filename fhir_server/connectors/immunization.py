@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_server.connectors.deadletter import Rejection
-from fhir_server.connectors.mapping import shipped
+from fhir_server.connectors.mapping import MappedSource
 from fhir_server.validation.cn_identity import id_card_problem
 
 BASE = "https://fhir.cn-ehr.org"
@@ -93,16 +93,14 @@ def _today() -> _dt.date:
     return _dt.datetime.now(_CN_TZ).date()
 
 
-class ImmunizationConnector:
+class ImmunizationConnector(MappedSource):
     """Parse and map one page of the immunization platform's XML."""
 
     source_kind = "immunization"
 
     def __init__(self, mapping: dict[str, Any] | None = None) -> None:
-        m = self.mapping = mapping or shipped("immunization")
-        self.code: str = m["source"]["code"]
-        self.system: str = m["source"]["system"]
-        self.transform = f"{m['url']}|{m['version']}"
+        super().__init__(mapping)
+        m = self.mapping
         self._patterns = {
             kind: {k: re.compile(v) for k, v in (m[kind].get("patterns") or {}).items()} for kind in ("child", "inoculation")
         }
@@ -118,11 +116,6 @@ class ImmunizationConnector:
     def record_id(self, kind: str, values: dict[str, str]) -> str:
         return self.mapping["record_ids"][kind].format(**values)
 
-    def _meta(self, record_id: str, profile: str | None) -> dict[str, Any]:
-        meta: dict[str, Any] = {"source": f"{self.system}#{record_id}"}
-        if profile:
-            meta["profile"] = [profile]
-        return meta
 
     # -- the page --------------------------------------------------------------------------
 
@@ -251,16 +244,7 @@ class ImmunizationConnector:
         if birth > _today() or birth.year < 1900:
             raise _Bad("impossible-date", f"出生日期 {birth} 不可能（未来或过早）", f"birth date {birth} is impossible (future or too early)")
         identifiers: list[dict[str, Any]] = [
-            {
-                "type": {
-                    "coding": [
-                        {"system": f"{BASE}/CodeSystem/cv02-01-101-id-document-type", "code": "99", "display": "其他法定有效证件"},
-                        {"system": f"{BASE}/CodeSystem/cn-identifier-type", "code": "source-record", "display": "源系统记录号"},
-                    ]
-                },
-                "system": self.system,
-                "value": v["chil_code"],
-            }
+            self.source_identifier(v["chil_code"])
         ]
         if v.get("chil_no"):
             problem = id_card_problem(v["chil_no"])

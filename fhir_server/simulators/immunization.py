@@ -21,14 +21,13 @@ import datetime as _dt
 import gzip
 import random
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
+from fhir_server.simulators import _http
 from fhir_server.simulators.population import DISTRICTS, Child, Population
 
 # (vaccine code, dose, age in days, programme?, site code, manufacturer codes)
@@ -304,56 +303,9 @@ class ImmunizationUpstream:
 
     def server(self, host: str = "127.0.0.1", port: int = 0, token: str = "demo-token") -> ThreadingHTTPServer:
         """An HTTP server (not yet serving): ``serve_forever()``, or :meth:`start` for a thread."""
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet: the CLI prints its own line
-                return
-
-            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, ctype: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:  # noqa: N802
-                parts = urlsplit(self.path)
-                if parts.path == "/health":
-                    return self._send(200, b"ok")
-                if parts.path != "/children":
-                    return self._send(404, b"not found")
-                if token and self.headers.get("Authorization") != f"Bearer {token}":
-                    return self._send(401, "未授权 / unauthorized".encode(), {"WWW-Authenticate": "Bearer"})
-                faults = upstream.faults
-                n, broken = faults.next()
-                if broken:
-                    return self._send(500, "上游故障 / upstream failure".encode())
-                if faults.transient_every and n % faults.transient_every == 0:
-                    return self._send(503, "服务暂不可用 / try again".encode())
-                if faults.slow_every and n % faults.slow_every == 0:
-                    time.sleep(faults.delay)
-                q = parse_qs(parts.query)
-                try:
-                    since = int(q.get("since", ["0"])[0] or 0)
-                    limit = max(1, min(int(q.get("limit", ["100"])[0]), 1000))
-                except ValueError:
-                    return self._send(400, b"since and limit are integers")
-                body, nxt, more, left = upstream.page(since, limit)
-                with faults._lock:
-                    faults.pages_served += 1
-                self._send(200, body, {"X-Next-Since": str(nxt), "X-Has-More": "true" if more else "false", "X-Total": str(left)}, "application/gzip")
-
-        httpd = ThreadingHTTPServer((host, port), Handler)
-        httpd.daemon_threads = True
-        return httpd
+        return _http.serve(self, '/children', 'application/gzip', host, port, token)
 
     def start(self, host: str = "127.0.0.1", port: int = 0, token: str = "demo-token") -> tuple[ThreadingHTTPServer, str]:
-        """Serve in a background thread; (server, base URL of /children). ``shutdown()`` stops it."""
-        httpd = self.server(host, port, token)
-        threading.Thread(target=httpd.serve_forever, name="immunization-upstream", daemon=True).start()
+        """Serve in a background thread; (server, URL of the pages). ``shutdown()`` stops it."""
+        httpd = _http.start(self.server(host, port, token), "immunization-upstream")
         return httpd, f"http://{host}:{httpd.server_address[1]}/children"
