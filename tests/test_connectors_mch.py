@@ -62,9 +62,9 @@ async def _resources(server) -> list[dict]:
 
 
 @pytest.mark.skip(
-    reason="unfinished (issue #5): antenatal visits that arrive before their pregnancy registration (planted"
-    " out-of-order arrivals) refer to an EpisodeOfCare not stored yet and are refused (76 of 81 refusals);"
-    " out-of-order handling is not built"
+    reason="unfinished (issue #5): the counts now balance with only the 5 planted rejections (out-of-order"
+    " visits use a logical reference to their pregnancy), but some source Patients have no Provenance on"
+    " their current version yet"
 )
 async def test_sync_counts_provenance_and_resync(server, upstream):
     up, url = upstream
@@ -78,7 +78,9 @@ async def test_sync_counts_provenance_and_resync(server, upstream):
     assert all("$" in d["reason_en"] and d["reason_zh"] for d in letters)  # names the JSON path
 
     resources = await _resources(server)
-    assert {r["resourceType"] for r in resources} == set(_TYPES)
+    # a Condition only for a pregnancy whose risk colour is not green (computed from what was served)
+    risky = any(isinstance(d, dict) and d.get("riskColour") in ("yellow", "orange", "red", "purple") for d in up.deliveries)
+    assert {r["resourceType"] for r in resources} == set(_TYPES) - (set() if risky else {"Condition"})
     db = database(server)
     for r in resources:
         assert r["meta"]["source"].startswith("https://fhir.cn-ehr.org/identifier/source/sh-mch#")

@@ -165,7 +165,16 @@ class MchConnector(MappedSource):
         doc = {"system": m["document_system"], "code": spec["doc"], "display": spec["display"]}
         episode_ref = None
         if "pregnancyId" in r:
-            episode_ref = {"reference": f"EpisodeOfCare/{self.resource_id('EpisodeOfCare', 'pregnancy/' + r['pregnancyId'])}"}
+            if kind == "pregnancy-registration":
+                episode_ref = {"reference": f"EpisodeOfCare/{self.resource_id('EpisodeOfCare', 'pregnancy/' + r['pregnancyId'])}"}
+            else:
+                # Visits may arrive before their registration (or without it): a logical reference
+                # by the pregnancy's identifier, which the registration's EpisodeOfCare carries,
+                # never dangles and loses nothing.
+                episode_ref = {
+                    "type": "EpisodeOfCare",
+                    "identifier": {"system": m["source"]["pregnancy_system"], "value": r["pregnancyId"]},
+                }
         encounter_ref = None
         if spec.get("encounter"):
             cls = spec["encounter"]
