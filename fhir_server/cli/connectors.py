@@ -8,6 +8,7 @@ validated exactly as a client's write would be, and the MPI link runs in the sam
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -18,14 +19,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-_SOURCES = ("immunization", "emr")
+# source → (simulator module, class, path it serves, title)
+_UPSTREAMS = {
+    "immunization": ("fhir_server.simulators.immunization", "ImmunizationUpstream", "children", "免疫规划模拟上游 immunization upstream"),
+    "emr": ("fhir_server.simulators.emr", "EmrUpstream", "documents", "医院电子病历文档库 EMR registry"),
+    "mch": ("fhir_server.simulators.mch", "MchUpstream", "mch/records", "妇幼保健模拟上游 MCH upstream"),
+}
+_SOURCES = tuple(_UPSTREAMS)
 
 
 def _connector(source: str) -> Any:
     from fhir_server.connectors.emr import EmrConnector
     from fhir_server.connectors.immunization import ImmunizationConnector
+    from fhir_server.connectors.mch import MchConnector
 
-    return {"immunization": ImmunizationConnector, "emr": EmrConnector}[source]()
+    return {"immunization": ImmunizationConnector, "emr": EmrConnector, "mch": MchConnector}[source]()
 
 
 @asynccontextmanager
@@ -76,23 +84,22 @@ def summary_table(report: Any, title: str = "Sync summary / 同步汇总") -> Ta
 @click.option("--delay", default=5.0, show_default=True, help="延迟秒数 / seconds of a slow answer")
 def simulate_upstream(source: str, host: str, port: int, seed: int, children: int, token: str, transient_every: int, slow_every: int, delay: float) -> None:
     """运行模拟上游 / Serve a simulated upstream system (synthetic, reproducible Chinese data)."""
-    from fhir_server.simulators.immunization import ImmunizationUpstream
-
+    module, cls, path, title = _UPSTREAMS[source]
     started = time.perf_counter()
-    if source == "emr":  # --children = residents with hospital documents
-        from fhir_server.simulators.emr import EmrUpstream
-
-        upstream: Any = EmrUpstream(seed, children)
-    else:
-        upstream = ImmunizationUpstream(seed, children)
+    # --children: children (immunization), residents with hospital documents (emr), families (mch)
+    upstream: Any = getattr(importlib.import_module(module), cls)(seed, children)
     upstream.faults.transient_every, upstream.faults.slow_every, upstream.faults.delay = transient_every, slow_every, delay
     httpd = upstream.server(host, port, token)
     console = Console()
     console.print(
-        f"{'医院电子病历文档库 EMR registry' if source == 'emr' else '免疫规划模拟上游 immunization upstream'}: {len(upstream.deliveries):,} deliveries for {children:,} children "
+        f"{title}: {len(upstream.deliveries):,} deliveries for {children:,} children "
         f"(seed {seed}, built in {time.perf_counter() - started:.1f} s)\n"
-        f"  GET http://{host}:{port}/{'documents' if source == 'emr' else 'children'}?since=0&limit=100  (Authorization: Bearer {token})\n"
-        f"  expected full-sync counts: " + ", ".join(f"{k} {upstream.truth[k]:,}" for k in ("received", "created", "updated", "unchanged", "rejected"))
+        f"  GET http://{host}:{port}/{path}?since=0&limit=100  (Authorization: Bearer {token})\n"
+        + (
+            "  expected full-sync counts: " + ", ".join(f"{k} {upstream.truth[k]:,}" for k in ("received", "created", "updated", "unchanged", "rejected"))
+            if hasattr(upstream, "truth")
+            else f"  planted bad records: {getattr(upstream, 'planted_bad', '?')}"
+        )
     )
     try:
         httpd.serve_forever()
@@ -107,8 +114,9 @@ async def _sync_once(server: Any, source: str, url: str | None, token: str | Non
     from fhir_server.connectors.transport import FileTransport, HttpTransport
 
     connector = _connector(source)
-    if source == "emr" and url and url.endswith("/children"):  # the registry serves /documents
-        url = url[: -len("children")] + "documents"
+    path = _UPSTREAMS[source][2]
+    if url and url.endswith("/children") and path != "children":  # the default names the immunization path
+        url = url[: -len("children")] + path
     transport = FileTransport(list(files)) if files else HttpTransport(url or "", token, page_size=page_size, timeout=timeout)
     console = Console(stderr=True)
     try:
@@ -122,7 +130,10 @@ async def _sync_once(server: Any, source: str, url: str | None, token: str | Non
                 body_records = report.received
                 if page.total is not None and progress.tasks[0].total is None:
                     progress.update(task, total=page.total)
-                done[0] += page.body.count(b"<child>") + page.body.count(b'"xml":')
+                try:  # the simulators' watermark is the index of the next delivery
+                    done[0] += int(page.next_since) - int(page.since or 0)
+                except ValueError:
+                    done[0] += page.body.count(b"<child>") + page.body.count(b'"xml":')
                 progress.update(task, completed=done[0], detail=f"{body_records:,} records · {report.created:,} new · {report.rejected:,} rejected")
 
             return await runner.sync(server, connector, transport, full=full, on_page=on_page)
