@@ -21,3 +21,19 @@ def stop_process_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+class RecordingLinker:
+    """Stands in for fhir_server.mpi.link in connector tests: checks that the source Patient is
+    stored when it is called, records the calls, and links every source to a golden of its own."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, server, source_patient_id: str):  # type: ignore[no-untyped-def]
+        from fhir_server.mpi import LinkResult
+
+        current = await server.store.current("Patient", source_patient_id)
+        assert current is not None and not current.deleted, "link is called after the source Patient is stored"
+        self.calls.append(source_patient_id)
+        return LinkResult(f"golden-{source_patient_id[-8:]}", "new", 1.0)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
 
 from conftest import make_settings
+from helpers import RecordingLinker
 from fhir_server.connectors import deadletter, runner
 from fhir_server.connectors._db import database
 from fhir_server.connectors.emr import EmrConnector
@@ -28,24 +28,6 @@ DATA = Path(__file__).parent / "data" / "emr"
 SD = "https://fhir.cn-ehr.org/StructureDefinition"
 SRC = "https://fhir.cn-ehr.org/identifier/source/sh-hospital-emr"
 pytestmark = pytest.mark.timeout(120)
-
-
-@dataclass
-class FakeLink:
-    golden: str | None
-    decision: str
-    score: float
-
-
-class FakeLinker:
-    """Stands in for fhir_server.mpi.link: records the calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    async def __call__(self, server, source_patient_id: str) -> FakeLink:
-        self.calls.append(source_patient_id)
-        return FakeLink("golden-x", "new", 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +151,7 @@ async def _emr_resources(server) -> list[dict]:
 
 
 async def test_pushed_files_store_validated_traceable_and_idempotent(server):
-    linker = FakeLinker()
+    linker = RecordingLinker()
     files = [str(DATA / "c0002-outpatient.xml"), str(DATA / "c0007-lab.xml")]
     report = await runner.sync(server, EmrConnector(), FileTransport(files), linker=linker)
     assert report.error is None and report.balanced
@@ -196,7 +178,7 @@ async def test_simulator_full_sync_counts_provenance_and_resync(server):
         policy = RetryPolicy(retries=4, base=0.01, cap=0.05)
         transport = HttpTransport(url, "t0ken", page_size=25, policy=policy, seed=1)
         try:
-            report = await runner.sync(server, EmrConnector(), transport, linker=FakeLinker(), full=True)
+            report = await runner.sync(server, EmrConnector(), transport, linker=RecordingLinker(), full=True)
         finally:
             await transport.close()
         assert report.error is None and report.balanced
@@ -206,7 +188,7 @@ async def test_simulator_full_sync_counts_provenance_and_resync(server):
         await _provenance_ok(server, [r for r in await _emr_resources(server) if r["id"].startswith("emr-")])
         transport = HttpTransport(url, "t0ken", page_size=50, policy=policy, seed=1)
         try:
-            again = await runner.sync(server, EmrConnector(), transport, linker=FakeLinker(), full=True)
+            again = await runner.sync(server, EmrConnector(), transport, linker=RecordingLinker(), full=True)
         finally:
             await transport.close()
         assert again.created == again.updated == 0 and again.rejected == up.truth["rejected"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ import orjson
 import pytest
 
 from conftest import make_settings
+from helpers import RecordingLinker
 from fhir_server.connectors import checkpoint, deadletter, runner
 from fhir_server.connectors._db import database
 from fhir_server.connectors.immunization import ImmunizationConnector
@@ -29,26 +29,6 @@ from fhir_server.simulators.immunization import ImmunizationUpstream
 DATA = Path(__file__).parent / "data" / "immunization"
 SD = "https://fhir.cn-ehr.org/StructureDefinition"
 pytestmark = pytest.mark.timeout(240)
-
-
-@dataclass
-class FakeLink:
-    golden: str | None
-    decision: str
-    score: float
-
-
-class FakeLinker:
-    """Stands in for fhir_server.mpi.link: records the calls, links every source to itself."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    async def __call__(self, server, source_patient_id: str) -> FakeLink:
-        current = await server.store.current("Patient", source_patient_id)
-        assert current is not None and not current.deleted, "link is called after the source Patient is stored"
-        self.calls.append(source_patient_id)
-        return FakeLink(f"golden-{source_patient_id[-8:]}", "new", 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +90,7 @@ async def _connector_resources(server) -> list[dict]:
 
 async def test_full_sync_counts_traceability_and_idempotence(server, http, upstream):
     up, url = upstream
-    linker = FakeLinker()
+    linker = RecordingLinker()
     report = await _sync(server, url, linker, full=True)
     assert report.error is None
     truth = up.truth
@@ -254,7 +234,7 @@ async def test_bad_token_is_not_retried(server, upstream):
 
 
 async def test_hand_built_page_maps_as_specified(server, http, tmp_path):
-    linker = FakeLinker()
+    linker = RecordingLinker()
     transport = FileTransport([str(DATA / "page-small.xml")])
     report = await runner.sync(server, ImmunizationConnector(), transport, linker=linker)
     # 1 child + 3 inoculations (one with vaccine code 7777, which has no map) + 1 AEFI

@@ -28,7 +28,7 @@ GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"
 
 
 def patient(record: dict[str, Any]) -> dict[str, Any]:
-    """A source Patient as a connector stores it (record model of /tmp/plan/issue5.md)."""
+    """A source Patient as a connector stores it (the record model in fhir_server/mpi/__init__.py)."""
     source = record["source"]
     p: dict[str, Any] = {
         "resourceType": "Patient",

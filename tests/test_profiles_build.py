@@ -27,7 +27,7 @@ SCHEMA = REPO.parent / "shared" / "fhir-r4" / "fhir.schema.json"
 BASE = "https://fhir.cn-ehr.org"
 R4 = models["r4"]
 
-# ValueSet ids of /tmp/plan/catalogue.md (one per code system, plus the extra ones).
+# The ValueSet ids the profiles may bind (one per code system, plus the extra ones; terminology/README.md).
 CATALOGUE_VALUESETS = {
     "gb-t-2261-1-sex", "gb-t-2261-2-marital", "gb-t-3304-ethnicity", "gb-t-4658-education",
     "gb-t-6565-occupation", "gb-t-4761-relationship", "icd-10-cn", "ws-364-abo", "ws-364-rh", "ws-363-de",

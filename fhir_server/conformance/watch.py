@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import aclosing
 
 import orjson
 
 from fhir_server.conformance.registry import CANONICAL_TYPES, ConformanceRegistry
 from fhir_server.interactions.context import Server, Tx
 from fhir_server.storage.base import Store
+from fhir_server.storage.follow import follow
 
 log = logging.getLogger("fhir_server.conformance")
 
@@ -73,23 +73,12 @@ class ConformanceWatch:
         self._tasks = []
 
     async def _follow(self, type_: str) -> None:
-        delay = 1.0
-        while True:
-            try:
-                async with aclosing(self._store.watch(type_)) as changes:
-                    async for stored in changes:
-                        if stored is None:  # (re)opened: whatever happened meanwhile is read now
-                            await load_type(self._store, self._registry, type_)
-                            delay = 1.0
-                        else:
-                            raw = None if stored.deleted else stored.raw
-                            self._registry.apply(type_, stored.id, stored.version, raw)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("%s change stream failed; reopening in %.0f s", type_, delay, exc_info=True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        await follow(
+            self._store,
+            type_,
+            lambda: load_type(self._store, self._registry, type_),
+            lambda id_, version, raw: self._registry.apply(type_, id_, version, raw),
+        )
 
 
 def install(server: Server) -> None:

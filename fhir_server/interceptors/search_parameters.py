@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -38,6 +37,7 @@ from fhir_server.search.parameters import (
     unregister_custom,
 )
 from fhir_server.storage.base import Store, Stored, Write
+from fhir_server.storage.follow import follow
 
 log = logging.getLogger("fhir_server.search_parameters")
 
@@ -221,30 +221,20 @@ class SearchParameterWatch:
         process, as tests do, starts from what its own database holds)."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # As for the conformance watch: a change stream stuck in the driver must not hold shutdown.
+            await asyncio.wait([self._task], timeout=5)
             self._task = None
         scope = _scopes.pop(self._store, None)
         for url in scope.urls.values() if scope else ():
             _release(url)
 
     async def _follow(self) -> None:
-        delay = 1.0
-        while True:
-            try:
-                async with aclosing(self._store.watch(_TYPE)) as changes:
-                    async for stored in changes:
-                        if stored is None:  # (re)opened: whatever happened meanwhile is read now
-                            await _resync(self._store)
-                            delay = 1.0
-                        else:
-                            raw = None if stored.deleted else stored.raw
-                            _apply(_scope(self._store), stored.id, stored.version, raw)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("SearchParameter change stream failed; reopening in %.0f s", delay, exc_info=True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        await follow(
+            self._store,
+            _TYPE,
+            lambda: _resync(self._store),
+            lambda id_, version, raw: _apply(_scope(self._store), id_, version, raw),
+        )
 
 
 def install(server: Server) -> None:

@@ -297,6 +297,22 @@ def _term(term: dict[str, Any]) -> Fn:
     raise Unsupported(str(kind))
 
 
+def _on_string(head: Fn, op: Callable[[str], Any]) -> Fn:
+    """A string function: empty in, empty out; one string in, ``op`` of it; anything else is for
+    the full engine."""
+
+    def run(focus: list[Any]) -> list[Any]:
+        items = head(focus)
+        if not items:
+            return []
+        value = _single(items, comparing=False)
+        if type(value) is not str:
+            raise Unsupported("string function on a non-string")
+        return [op(value)]
+
+    return run
+
+
 def _step(head: Fn, step: dict[str, Any]) -> Fn:
     if step.get("type") == "MemberInvocation":
         name = step["children"][0].get("text", "")
@@ -335,42 +351,12 @@ def _step(head: Fn, step: dict[str, Any]) -> Fn:
         return lambda focus: [all(_truth(criterion([item])) is True for item in head(focus))]
     if fn == "matches" and len(params) == 1:
         pattern = re.compile(_literal(params[0]), re.DOTALL)
-
-        def matches(focus: list[Any]) -> list[Any]:
-            items = head(focus)
-            if not items:
-                return []
-            value = _single(items, comparing=False)
-            if type(value) is not str:
-                raise Unsupported("matches on a non-string")
-            return [pattern.search(value) is not None]
-
-        return matches
+        return _on_string(head, lambda v: pattern.search(v) is not None)
     if fn == "startsWith" and len(params) == 1:
         prefix = _literal(params[0])
-
-        def starts(focus: list[Any]) -> list[Any]:
-            items = head(focus)
-            if not items:
-                return []
-            value = _single(items, comparing=False)
-            if type(value) is not str:
-                raise Unsupported("startsWith on a non-string")
-            return [value.startswith(prefix)]
-
-        return starts
+        return _on_string(head, lambda v: v.startswith(prefix))
     if fn == "length" and not params:
-
-        def length(focus: list[Any]) -> list[Any]:
-            items = head(focus)
-            if not items:
-                return []
-            value = _single(items, comparing=False)
-            if type(value) is not str:
-                raise Unsupported("length of a non-string")
-            return [len(value)]
-
-        return length
+        return _on_string(head, len)
     raise Unsupported(fn)
 
 
