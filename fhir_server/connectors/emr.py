@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from fhir_server.connectors.deadletter import Rejection
-from fhir_server.connectors.immunization import Unit, _Bad
+from fhir_server.connectors.unit import BadRecord as _Bad, Unit
 from fhir_server.connectors.mapping import MAPPINGS, MappedSource
 from fhir_server.validation.cn_identity import id_card_problem
 

@@ -15,44 +15,17 @@ import datetime as _dt
 import hashlib
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_server.connectors.deadletter import Rejection
 from fhir_server.connectors.mapping import MappedSource
+from fhir_server.connectors.unit import BadRecord as _Bad, Unit
 from fhir_server.validation.cn_identity import id_card_problem
 
 BASE = "https://fhir.cn-ehr.org"
 _SD = f"{BASE}/StructureDefinition"
 _CN_TZ = _dt.timezone(_dt.timedelta(hours=8))
 _NESTED = ("inoculations", "aefis", "infections")
-
-
-@dataclass
-class Unit:
-    """One source record mapped to one FHIR resource."""
-
-    kind: str
-    record_id: str
-    raw: bytes
-    resource: dict[str, Any]
-    source_time: str  # the source's modification time (ISO); orders snapshots of one record
-    group: str  # the child code: a child's units are written together
-    sha256: str = ""
-    context: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.sha256 = self.sha256 or hashlib.sha256(self.raw).hexdigest()
-
-    @property
-    def key(self) -> str:
-        return f"{self.resource['resourceType']}/{self.resource['id']}"
-
-
-class _Bad(Exception):
-    def __init__(self, code: str, zh: str, en: str) -> None:
-        super().__init__(en)
-        self.code, self.zh, self.en = code, zh, en
 
 
 def _text(el: ET.Element, name: str) -> str:

@@ -14,7 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import xml.etree.ElementTree as ET
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -22,7 +22,7 @@ import jsonschema
 import orjson
 
 from fhir_server.connectors.deadletter import Rejection
-from fhir_server.connectors.immunization import Unit
+from fhir_server.connectors.unit import Unit
 from fhir_server.connectors.mapping import MAPPINGS, MappedSource
 from fhir_server.validation.cn_identity import id_card_problem
 
@@ -31,6 +31,7 @@ _UCUM = "http://unitsofmeasure.org"
 _LOINC = "http://loinc.org"
 _DE = "urn:oid:2.16.156.10011.2.2.1"
 _SD = "https://fhir.cn-ehr.org/StructureDefinition"
+_json_unit = partial(Unit, content_type="application/json")
 
 
 @lru_cache(maxsize=1)
@@ -150,13 +151,13 @@ class MchConnector(MappedSource):
         for prole, p in patients:
             praw = _canonical(p)
             prid = f"{prole}/{p['id']}"
-            units.append(Unit(prole, prid, praw, self._patient(p, prid, prole), st, group))
+            units.append(_json_unit(prole, prid, praw, self._patient(p, prid, prole), st, group))
         pid = units[0].resource["id"]
 
         def put(part: str, type_: str, body: dict[str, Any], profile: str | None = None) -> str:
             rid = f"{base}/{part}"
             res: dict[str, Any] = {"resourceType": type_, "id": self.resource_id(type_, rid), "meta": self._meta(rid, profile), **body}
-            units.append(Unit(kind, rid, raw, res, st, group))
+            units.append(_json_unit(kind, rid, raw, res, st, group))
             return f"{type_}/{res['id']}"
 
         when = _when(visit or person["birthDate"], "$.visitDate")
@@ -200,7 +201,7 @@ class MchConnector(MappedSource):
                 "period": {"start": _day(r["visitDate"], "$.visitDate").isoformat()},
             }
             rid = f"pregnancy/{r['pregnancyId']}"
-            units.append(Unit(kind, rid, raw, {"resourceType": "EpisodeOfCare", "id": self.resource_id("EpisodeOfCare", rid), "meta": self._meta(rid, m["episode"]["profile"]), **put_episode}, st, group))
+            units.append(_json_unit(kind, rid, raw, {"resourceType": "EpisodeOfCare", "id": self.resource_id("EpisodeOfCare", rid), "meta": self._meta(rid, m["episode"]["profile"]), **put_episode}, st, group))
             self._careplan(put, "maternal", subject, r["visitDate"], None, episode_ref)
         if kind == "birth-certificate":
             b = _day(person["birthDate"], "$.child.birthDate")

@@ -30,7 +30,7 @@ from pymongo import UpdateOne
 from fhir_server.connectors import checkpoint, deadletter
 from fhir_server.connectors._db import LEDGER, database
 from fhir_server.connectors.deadletter import Rejection
-from fhir_server.connectors.immunization import Unit
+from fhir_server.connectors.unit import Unit
 from fhir_server.connectors.provenance import provenance, raw_binary
 from fhir_server.interactions._resource import store_resource
 from fhir_server.interactions.context import Server, Tx
@@ -40,7 +40,7 @@ from fhir_server.storage.base import Conflict, Stored, TooLarge
 log = logging.getLogger("fhir_server.connectors")
 
 Linker = Callable[[Server, str], Awaitable[Any]]
-_TYPES = {"Patient", "Immunization", "AdverseEvent", "Provenance", "Binary"}
+_TRACE_TYPES = frozenset({"Provenance", "Binary"})
 _DEFAULT: Any = object()
 
 
@@ -225,7 +225,7 @@ class _Writer:
                 if unit.sha256 not in binaries and unit.sha256 not in new_binaries:
                     existing = await tx.unit.current("Binary", unit.sha256) if attempts[0] > 1 else None
                     if existing is None:
-                        binary = raw_binary(unit.raw, unit.sha256, unit.key, unit.resource["meta"]["source"], "application/xml")
+                        binary = raw_binary(unit.raw, unit.sha256, unit.key, unit.resource["meta"]["source"], unit.content_type)
                         await store_resource(tx, binary, unit.sha256, None, "PUT")
                     new_binaries.add(unit.sha256)
                 prov = provenance(
@@ -243,7 +243,7 @@ class _Writer:
                 out.append((unit, stored.version, created))
             return out
 
-        return await self.server.transact(work, _TYPES)
+        return await self.server.transact(work, {u.resource["resourceType"] for u, _ in items} | _TRACE_TYPES)
 
     async def _remember(self, items: list[tuple[Unit, int | None]]) -> None:
         if not items:
