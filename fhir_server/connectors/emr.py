@@ -4,11 +4,14 @@ A page is JSON ``{"documents": [{"id": …, "xml": "<ClinicalDocument …>"}, �
 simulator's format); a pushed file may also be one bare CDA document. Each document yields units:
 the source Patient (raw = the recordTarget element, so the same patient in many documents is one
 unchanged record), its Encounter, Conditions (ICD-10), lab Observations (local code → LOINC through
-the ConceptMap) and a DocumentReference; all but the Patient keep the whole document as raw payload,
-so the DocumentReference's attachment points at the Binary holding the original bytes.
+the ConceptMap), medications (MedicationRequest for prescriptions and discharge medication,
+MedicationStatement for in-hospital use), Procedures (ICD-9-CM-3) and a DocumentReference; all but the
+Patient keep the whole document as raw payload, so the DocumentReference's attachment points at the
+Binary holding the original bytes.
 
 A document whose header cannot be mapped is one rejection (kind ``document``; a malformed one is
-kind ``page`` so that a replay re-parses its bytes); an unmappable lab entry rejects that entry only.
+kind ``page`` so that a replay re-parses its bytes); an unmappable diagnosis, lab, medication or
+procedure entry rejects that entry only.
 DTDs and entity declarations are refused before parsing: external entities are never resolved.
 """
 
@@ -22,7 +25,6 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -36,7 +38,7 @@ BASE = "https://fhir.cn-ehr.org"
 _SD = f"{BASE}/StructureDefinition"
 _CN_TZ = _dt.timezone(_dt.timedelta(hours=8))
 _XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
-_PREFIX = {"document": "emr-d-", "patient": "emr-p-", "encounter": "emr-e-", "condition": "emr-c-", "observation": "emr-o-"}
+_PREFIX = {"document": "emr-d-", "patient": "emr-p-", "encounter": "emr-e-", "condition": "emr-c-", "observation": "emr-o-", "medication": "emr-m-", "procedure": "emr-x-"}
 
 
 @lru_cache(maxsize=4)
@@ -113,6 +115,22 @@ class EmrConnector(MappedSource):
     def _text(self, el: ET.Element, path: str) -> str:
         found = el.find(path, self.ns)
         return "".join(found.itertext()).strip() if found is not None else ""
+
+    def _related(self, el: ET.Element, path: str, de_code: str) -> ET.Element | None:
+        """The ``value`` of the entryRelationship observation coded ``de_code`` (WS/T 500 keys entry details by DE code)."""
+        for obs in el.iterfind(path, self.ns):
+            if self._attr(obs, "h:code", "code") == de_code:
+                return self._find(obs, "h:value")
+        return None
+
+    def _sections(self, root: ET.Element, codes: Any) -> list[tuple[str, ET.Element]]:
+        """(LOINC code, section) of every section whose code is one of ``codes``, in document order."""
+        out = []
+        for section in root.iterfind(".//h:section", self.ns):
+            code = self._attr(section, "h:code", "code")
+            if code in codes:
+                out.append((code, section))
+        return out
 
     # -- the page --------------------------------------------------------------------------
 
@@ -193,7 +211,7 @@ class EmrConnector(MappedSource):
                 continue
             rid = m["record_ids"]["condition"].format(doc=doc_id, code=self._attr(obs, m["diagnosis"]["value"], "code") or "?")
             try:
-                cond = self._condition(obs, rid, pid, eref, when, birth)
+                cond = self._condition(obs, rid, pid, eref, when, birth, spec.get("condition_category"))
             except _Bad as bad:
                 rejections.append(Rejection("condition", rid, bad.code, bad.zh, bad.en, raw, context))
                 continue
@@ -217,6 +235,30 @@ class EmrConnector(MappedSource):
                         rejections.append(Rejection("observation", rid, bad.code, bad.zh, bad.en, raw, context))
                         continue
                     units.append(Unit("observation", rid, raw, o, when, doc_rid, context=context))
+        author = self._text(root, h["author_name"])
+        n = 0
+        for section_code, section in self._sections(root, spec.get("medications") or {}):
+            kind = m["medication"]["kinds"][spec["medications"][section_code]]
+            for entry in section.iterfind(m["medication"]["entries"], self.ns):
+                n += 1
+                rid = m["record_ids"]["medication"].format(doc=doc_id, n=n)
+                try:
+                    med = self._medication(entry, kind, rid, pid, eref, author, when, birth)
+                except _Bad as bad:
+                    rejections.append(Rejection("medication", rid, bad.code, bad.zh, bad.en, raw, context))
+                    continue
+                units.append(Unit("medication", rid, raw, med, when, doc_rid, context=context))
+        n = 0
+        for _, section in self._sections(root, spec.get("procedures") or []):
+            for entry in section.iterfind(m["procedure"]["entries"], self.ns):
+                n += 1
+                rid = m["record_ids"]["procedure"].format(doc=doc_id, n=n)
+                try:
+                    proc = self._procedure(entry, rid, pid, eref, birth)
+                except _Bad as bad:
+                    rejections.append(Rejection("procedure", rid, bad.code, bad.zh, bad.en, raw, context))
+                    continue
+                units.append(Unit("procedure", rid, raw, proc, when, doc_rid, context=context))
         units.append(Unit("document", doc_rid, raw, self._document_reference(root, raw, spec, code, doc_id, doc_rid, pid, eref, org, when, units), when, doc_rid, context=context))
         return units, rejections
 
@@ -336,7 +378,7 @@ class EmrConnector(MappedSource):
 
     # -- Condition -------------------------------------------------------------------------
 
-    def _condition(self, obs: ET.Element, rid: str, pid: str, eref: dict[str, Any] | None, when: str, birth: _dt.date) -> dict[str, Any]:
+    def _condition(self, obs: ET.Element, rid: str, pid: str, eref: dict[str, Any] | None, when: str, birth: _dt.date, category: str | None = None) -> dict[str, Any]:
         d = self.mapping["diagnosis"]
         value = self._find(obs, d["value"])
         code = (value.get("code") or "").strip() if value is not None else ""
@@ -347,7 +389,7 @@ class EmrConnector(MappedSource):
             "id": self.resource_id("condition", rid),
             "meta": self._meta(rid, d["profile"]),
             "identifier": [{"system": self.system, "value": rid}],
-            "category": [{"coding": [d["category"]]}],
+            "category": [{"coding": [{**d["category"], "code": category or d["category"]["code"]}]}],
             "code": {"coding": [{"system": d["icd10_system"], "code": code, **({"display": value.get("displayName")} if value.get("displayName") else {})}], "text": value.get("displayName") or code},
             "subject": {"reference": f"Patient/{pid}"},
         }
@@ -359,6 +401,9 @@ class EmrConnector(MappedSource):
             if day < birth or day > _today():
                 raise _Bad("impossible-date", f"诊断日期 {day} 不可能", f"diagnosis date {day} is impossible")
             cond["onsetDateTime"] = onset
+        elif category == "problem-list-item":
+            # cn-cond-1: a past illness records when it was diagnosed; without the date it says too little
+            raise _Bad("schema", f"既往疾病 {code} 缺少确诊日期", f"past illness {code} has no diagnosis date")
         cond["recordedDate"] = when
         return cond
 
@@ -379,7 +424,7 @@ class EmrConnector(MappedSource):
         if value is None or value.get(_XSI_TYPE, "PQ") != "PQ":
             raise _Bad("schema", f"检验项目 {local_code} 没有定量结果", f"lab item {local_code} has no quantitative result")
         try:
-            number = float(value.get("value", ""))
+            float(value.get("value", ""))
         except ValueError:
             raise _Bad("schema", f"检验项目 {local_code} 的结果“{value.get('value')}”不是数值", f"lab item {local_code}: result '{value.get('value')}' is not a number") from None
         unit = value.get("unit", "")
@@ -427,6 +472,194 @@ class EmrConnector(MappedSource):
         o["referenceRange"] = [rng]
         return o
 
+    # -- MedicationRequest / MedicationStatement -------------------------------------------
+
+    def _day(self, value: str, what: str, what_en: str, birth: _dt.date) -> tuple[str, _dt.date]:
+        """An entry's HL7 time that must fall between the patient's birth and today."""
+        iso, day = _ts(value, f"{what} {what_en}")
+        if day < birth or day > _today():
+            raise _Bad("impossible-date", f"{what} {day} 不可能（早于出生或在未来）", f"{what_en} {day} is impossible (before birth or in the future)")
+        return iso, day
+
+    def _period(self, el: ET.Element | None, what: str, what_en: str, birth: _dt.date) -> dict[str, str]:
+        """IVL_TS low/high → a FHIR Period (end not before start)."""
+        period: dict[str, str] = {}
+        days: dict[str, _dt.date] = {}
+        if el is None:
+            return period
+        for part, key in (("low", "start"), ("high", "end")):
+            v = self._attr(el, f"h:{part}", "value")
+            if v:
+                period[key], days[key] = self._day(v, what, what_en, birth)
+        if "start" in days and "end" in days and days["end"] < days["start"]:
+            raise _Bad("impossible-date", f"{what}结束 {days['end']} 早于开始 {days['start']}", f"{what_en}: end {days['end']} is before start {days['start']}")
+        return period
+
+    def _dosage(self, entry: ET.Element, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(Dosage, total quantity) of a substanceAdministration: route, dose, frequency, duration, usage text."""
+        md = self.mapping["medication"]
+        dosage: dict[str, Any] = {}
+        usage = self._related(entry, md["related"], md["usage_de"])
+        if usage is not None and "".join(usage.itertext()).strip():
+            dosage["text"] = "".join(usage.itertext()).strip()
+        timing: dict[str, Any] = {}
+        repeat: dict[str, Any] = {}
+        freq_el = self._related(entry, md["related"], md["frequency_de"])
+        if freq_el is not None:
+            freq = (freq_el.get("code") or "".join(freq_el.itertext())).strip()
+            rule = md["frequencies"].get(freq.lower())
+            if rule is None:
+                raise _Bad("unknown-code", f"药物“{name}”的使用频率“{freq}”没有映射", f"frequency '{freq}' of '{name}' has no map")
+            timing["code"] = {"text": freq}
+            repeat.update({k: v for k, v in rule.items() if k != "as_needed"})
+            if rule.get("as_needed"):
+                dosage["asNeededBoolean"] = True
+        width = self._find(entry, md["duration"])
+        if width is not None and width.get("value"):
+            unit = md["duration_units"].get(width.get("unit") or "d")
+            if unit is None:
+                raise _Bad("unknown-code", f"用药天数单位“{width.get('unit')}”没有映射", f"duration unit '{width.get('unit')}' has no map")
+            repeat["boundsDuration"] = {"value": self._number(width.get("value", ""), "用药天数", "duration"), "unit": unit, "system": md["ucum_system"], "code": unit}
+        if repeat:
+            timing["repeat"] = repeat
+        if timing:
+            dosage["timing"] = timing
+        route = self._find(entry, md["route"])
+        if route is not None and route.get("code"):
+            code = route.get("code", "")
+            known = md["routes"].get(code) if route.get("codeSystem", md["route_oid"]) == md["route_oid"] else None
+            if known is None:
+                raise _Bad("unknown-code", f"用药途径代码“{code}”没有映射", f"route code '{code}' has no map")
+            coding = [{"system": md["route_system"], "code": code, "display": known["display"]}]
+            if known.get("snomed"):
+                coding.append({"system": md["snomed_system"], "code": known["snomed"]})
+            dosage["route"] = {"coding": coding, "text": known["display"]}
+        dose = self._find(entry, md["dose"])
+        if dose is not None and dose.get("value"):
+            dosage["doseAndRate"] = [{"doseQuantity": self._quantity(dose, "药物使用次剂量", "dose")}]
+        total = self._related(entry, md["related"], md["total_de"])
+        return dosage, self._quantity(total, "药物使用总剂量", "total dose") if total is not None and total.get("value") else None
+
+    def _number(self, text: str, what: str, what_en: str) -> float | int:
+        try:
+            return _num(text)
+        except ValueError:
+            raise _Bad("schema", f"{what}“{text}”不是数值", f"{what_en} '{text}' is not a number") from None
+
+    def _quantity(self, el: ET.Element, what: str, what_en: str) -> dict[str, Any]:
+        """A PQ → Quantity; a UCUM code only where the unit has one (片, 粒… stay text)."""
+        unit = el.get("unit") or ""
+        q: dict[str, Any] = {"value": self._number(el.get("value", ""), what, what_en)}
+        if unit:
+            q["unit"] = unit
+            ucum = self.mapping["medication"]["dose_units"].get(unit)
+            if ucum:
+                q.update({"system": self.mapping["medication"]["ucum_system"], "code": ucum})
+        return q
+
+    def _medication(self, entry: ET.Element, kind: dict[str, Any], rid: str, pid: str, eref: dict[str, Any] | None, author: str, when: str, birth: _dt.date) -> dict[str, Any]:
+        md = self.mapping["medication"]
+        drug = self._find(entry, md["drug_code"])
+        name = self._text(entry, md["drug_name"]) or (drug.get("displayName", "") if drug is not None else "")
+        if not name:
+            raise _Bad("schema", "用药条目缺少药物名称", "the medication entry has no drug name")
+        concept: dict[str, Any] = {}
+        if drug is not None and drug.get("code"):
+            oid = drug.get("codeSystem", "")
+            if not oid:
+                raise _Bad("schema", f"药物“{name}”的代码没有代码系统", f"the code of drug '{name}' names no code system")
+            coding = {"system": md["drug_systems"].get(oid, f"urn:oid:{oid}"), "code": drug.get("code")}
+            if drug.get("displayName"):
+                coding["display"] = drug.get("displayName")
+            concept["coding"] = [coding]
+        concept["text"] = name
+        dosage, total = self._dosage(entry, name)
+        period = self._period(self._find(entry, md["time"]), "用药时间", "medication period", birth)
+        cda_status = self._attr(entry, md["status"], "code")
+        status = md["status_codes"].get(cda_status, kind["status"])
+        res: dict[str, Any] = {"resourceType": kind["resource"], "id": self.resource_id("medication", rid), "meta": self._meta(rid, None), "identifier": [{"system": self.system, "value": rid}], "status": status}
+        if kind["resource"] == "MedicationRequest":
+            repeat = dosage.get("timing", {}).get("repeat", {})
+            if period and "boundsDuration" not in repeat:
+                # bounds[x] is one choice: the prescribed number of days (width) wins over the dates
+                dosage.setdefault("timing", {}).setdefault("repeat", {})["boundsPeriod"] = period
+            res["intent"] = kind["intent"]
+            res["category"] = [{"coding": [{"system": md["request_category_system"], "code": kind["category"]}]}]
+            res["medicationCodeableConcept"] = concept
+            res["subject"] = {"reference": f"Patient/{pid}"}
+            if eref:
+                res["encounter"] = eref
+            res["authoredOn"] = when
+            if author:
+                res["requester"] = {"display": author}
+            if dosage:
+                res["dosageInstruction"] = [dosage]
+            dispense: dict[str, Any] = {}
+            if total:
+                dispense["quantity"] = total
+            bounds = dosage.get("timing", {}).get("repeat", {}).get("boundsDuration")
+            if bounds:
+                dispense["expectedSupplyDuration"] = bounds
+            if dispense:
+                res["dispenseRequest"] = dispense
+        else:
+            res["category"] = {"coding": [{"system": md["statement_category_system"], "code": kind["category"]}]}
+            res["medicationCodeableConcept"] = concept
+            res["subject"] = {"reference": f"Patient/{pid}"}
+            if eref:
+                res["context"] = eref
+            if period:
+                res["effectivePeriod"] = period
+            res["dateAsserted"] = when
+            if author:
+                res["informationSource"] = {"display": author}
+            if dosage:
+                res["dosage"] = [dosage]
+        return res
+
+    # -- Procedure -------------------------------------------------------------------------
+
+    def _procedure(self, entry: ET.Element, rid: str, pid: str, eref: dict[str, Any] | None, birth: _dt.date) -> dict[str, Any]:
+        pm = self.mapping["procedure"]
+        code_el = self._find(entry, pm["code"])
+        code = (code_el.get("code") or "").strip() if code_el is not None else ""
+        if code_el is None or code_el.get("codeSystem") != pm["icd9_oid"] or not re.match(pm["icd9_pattern"], code):
+            raise _Bad("unknown-code", f"手术操作代码“{code}”不是 ICD-9-CM-3 编码", f"procedure code '{code}' is not an ICD-9-CM-3 code")
+        name_el = self._related(entry, pm["related"], pm["name_de"])
+        name = ("".join(name_el.itertext()).strip() if name_el is not None else "") or code_el.get("displayName") or code
+        coding = {"system": pm["icd9_system"], "code": code}
+        if code_el.get("displayName"):
+            coding["display"] = code_el.get("displayName")
+        proc: dict[str, Any] = {
+            "resourceType": "Procedure",
+            "id": self.resource_id("procedure", rid),
+            "meta": self._meta(rid, None),
+            "identifier": [{"system": self.system, "value": rid}],
+            "status": "completed",
+            "code": {"coding": [coding], "text": name},
+            "subject": {"reference": f"Patient/{pid}"},
+        }
+        if eref:
+            proc["encounter"] = eref
+        t = self._find(entry, pm["time"])
+        if t is not None and t.get("value"):
+            proc["performedDateTime"] = self._day(t.get("value", ""), "手术操作日期", "procedure date", birth)[0]
+        else:
+            period = self._period(t, "手术操作日期", "procedure date", birth)
+            if period:
+                proc["performedPeriod"] = period
+        performers = []
+        for who in entry.iterfind(pm["performers"], self.ns):
+            # the name's own text: some hospitals add the role as <prefix> inside <name>
+            name_el = self._find(who, pm["performer_name"])
+            name_p = ((name_el.text or "").strip() or self._text(who, pm["performer_name"])) if name_el is not None else ""
+            if name_p:
+                role = self._attr(who, pm["performer_role"], "displayName") or pm["default_role"]
+                performers.append({"function": {"text": role}, "actor": {"display": name_p}})
+        if performers:
+            proc["performer"] = performers
+        return proc
+
     # -- DocumentReference -----------------------------------------------------------------
 
     def _document_reference(self, root: ET.Element, raw: bytes, spec: dict[str, Any], code: str, doc_id: str, rid: str, pid: str, eref: dict[str, Any] | None, org: dict[str, Any], when: str, units: list[Unit]) -> dict[str, Any]:
@@ -462,7 +695,7 @@ class EmrConnector(MappedSource):
         author = self._text(root, h["author_name"])
         if author:
             ref["author"] = [{"display": author}]
-        related = [{"reference": u.key} for u in units if u.kind in ("condition", "observation")]
+        related = [{"reference": u.key} for u in units if u.kind in ("condition", "observation", "medication", "procedure")]
         context: dict[str, Any] = {}
         if eref:
             context["encounter"] = [eref]
