@@ -30,10 +30,13 @@ class RecordingLinker:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    async def __call__(self, server, source_patient_id: str):  # type: ignore[no-untyped-def]
+    async def __call__(self, server, source_patient_ids: list[str]):  # type: ignore[no-untyped-def]
         from fhir_server.mpi import LinkResult
 
-        current = await server.store.current("Patient", source_patient_id)
-        assert current is not None and not current.deleted, "link is called after the source Patient is stored"
-        self.calls.append(source_patient_id)
-        return LinkResult(f"golden-{source_patient_id[-8:]}", "new", 1.0)
+        results = []
+        for source_patient_id in source_patient_ids:
+            current = await server.store.current("Patient", source_patient_id)
+            assert current is not None and not current.deleted, "link is called after the source Patient is stored"
+            self.calls.append(source_patient_id)
+            results.append(LinkResult(f"golden-{source_patient_id[-8:]}", "new", 1.0))
+        return results

@@ -116,3 +116,29 @@ async def test_changed_record_makes_new_version(server, upstream):
     assert (report.created, report.updated, report.unchanged, report.rejected) == (0, 1, 4, 0)
     stored = await server.store.current("Observation", weight["id"])
     assert stored.version == 2 and orjson.loads(stored.raw)["valueQuantity"]["value"] == 9.3
+
+
+def test_child_born_on_29_february_gets_its_care_plan_to_the_day_before_its_seventh_birthday():
+    """2020-02-29 + 7 years has no 29 February: the plan ends 2027-02-28 (found by the city test)."""
+    up = MchUpstream(seed=11, children=6)
+    record = copy.deepcopy(next(r for r in up.deliveries if r["recordType"] == "birth-certificate"))
+    record["child"].pop("idNumber", None)  # its number encodes the old birth date
+    record["child"]["birthDate"] = "2020-02-29"
+    record["issueDate"] = "2020-03-03"
+    units, rejections = MchConnector().parse_record(record)
+    assert not rejections, rejections[0].reason_en if rejections else ""
+    plan = next(u.resource for u in units if u.resource["resourceType"] == "CarePlan")
+    assert plan["period"] == {"start": "2020-02-29", "end": "2027-02-28"}
+
+
+def test_a_mapping_defect_is_a_dead_letter_not_a_failed_sync(monkeypatch):
+    connector = MchConnector()
+    up = MchUpstream(seed=11, children=2)
+
+    def broken(record, raw):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(connector, "_map", broken)
+    units, rejections = connector.parse_record(up.deliveries[0])
+    assert units == [] and [r.code for r in rejections] == ["mapping-error"]
+    assert "ZeroDivisionError" in rejections[0].reason_en and rejections[0].reason_zh.startswith("映射程序出错")

@@ -27,7 +27,12 @@ class Rejection:
     reason_zh: str
     reason_en: str
     raw: bytes = b""
-    context: dict[str, Any] = field(default_factory=dict)  # e.g. the parent child element for a replay
+    # e.g. the parent child element for a replay; a value may be a zero-argument callable, made
+    # only when the letter is filed (parsers hand every record a context; few become letters).
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def stored_context(self) -> dict[str, Any]:
+        return {k: v() if callable(v) else v for k, v in self.context.items()}
 
     @property
     def sha256(self) -> str:
@@ -56,7 +61,7 @@ async def put(server: Server, source: str, rejections: list[Rejection], run_id: 
                         "reason_en": r.reason_en,
                         "raw": r.raw,
                         "sha256": r.sha256,
-                        "context": r.context,
+                        "context": r.stored_context(),
                         "last_seen": now,
                         "run_id": run_id,
                         "status": "open",

@@ -22,7 +22,7 @@ import jsonschema
 import orjson
 
 from fhir_server.connectors.deadletter import Rejection
-from fhir_server.connectors.unit import Unit
+from fhir_server.connectors.unit import BadRecord as _Bad, Unit, as_bad_record
 from fhir_server.connectors.mapping import MAPPINGS, MappedSource
 from fhir_server.validation.cn_identity import id_card_problem
 
@@ -34,16 +34,18 @@ _SD = "https://fhir.cn-ehr.org/StructureDefinition"
 _json_unit = partial(Unit, content_type="application/json")
 
 
+def _years_later(day: _dt.date, years: int) -> _dt.date:
+    """The same day ``years`` later; 29 February becomes 1 March in a common year."""
+    try:
+        return day.replace(year=day.year + years)
+    except ValueError:
+        return _dt.date(day.year + years, 3, 1)
+
+
 @lru_cache(maxsize=1)
 def schema_validator() -> jsonschema.Draft202012Validator:
     schema = json.loads((MAPPINGS / "mch" / "mch-record.schema.json").read_text(encoding="utf-8"))
     return jsonschema.Draft202012Validator(schema)
-
-
-class _Bad(Exception):
-    def __init__(self, code: str, zh: str, en: str) -> None:
-        super().__init__(en)
-        self.code, self.zh, self.en = code, zh, en
 
 
 def _canonical(value: Any) -> bytes:
@@ -72,10 +74,6 @@ class MchConnector(MappedSource):
     """Parse and map one page of the 妇幼 JSON exchange format."""
 
     source_kind = "mch"
-
-    def __init__(self, mapping: dict[str, Any] | None = None) -> None:
-        super().__init__(mapping)
-        m = self.mapping
 
     # -- ids -------------------------------------------------------------------------------
 
@@ -119,7 +117,8 @@ class MchConnector(MappedSource):
             if error is not None:
                 raise _Bad("schema", f"不符合交换格式（{error.json_path}）：{error.message}", f"schema violation at {error.json_path}: {error.message}")
             units = self._map(record, raw)
-        except _Bad as bad:
+        except Exception as e:
+            bad = as_bad_record(e, f"{kind}/{rid}")
             return [], [Rejection(kind, f"{kind}/{rid}", bad.code, bad.zh, bad.en, raw, context)]
         for u in units:
             u.context = context
@@ -205,7 +204,7 @@ class MchConnector(MappedSource):
             self._careplan(put, "maternal", subject, r["visitDate"], None, episode_ref)
         if kind == "birth-certificate":
             b = _day(person["birthDate"], "$.child.birthDate")
-            self._careplan(put, "child", subject, b.isoformat(), b.replace(year=b.year + 7) - _dt.timedelta(days=1), None)
+            self._careplan(put, "child", subject, b.isoformat(), _years_later(b, 7) - _dt.timedelta(days=1), None)
         for field, obs in m["observations"].items():
             if field in r:
                 put(f"obs/{field}", "Observation", self._observation(obs, r[field], subject, when, encounter_ref), obs.get("profile"))

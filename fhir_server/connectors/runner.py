@@ -39,18 +39,20 @@ from fhir_server.storage.base import Conflict, Stored, TooLarge
 
 log = logging.getLogger("fhir_server.connectors")
 
-Linker = Callable[[Server, str], Awaitable[Any]]
+# Links stored source Patients to their golden records, in order, in one unit of work:
+# ``fhir_server.mpi.link_many``, or a stand-in (tests).
+Linker = Callable[[Server, list[str]], Awaitable[list[Any]]]
 _TRACE_TYPES = frozenset({"Provenance", "Binary"})
 _DEFAULT: Any = object()
 
 
 def default_linker() -> Linker | None:
-    """``fhir_server.mpi.link`` when the MPI is installed, else None (sources stay unlinked)."""
+    """``fhir_server.mpi.link_many`` when the MPI is installed, else None (sources stay unlinked)."""
     try:
-        from fhir_server.mpi import link
+        from fhir_server.mpi import link_many
     except ImportError:
         return None
-    return link
+    return link_many
 
 
 @dataclass
@@ -190,23 +192,29 @@ class _Writer:
             report.count(u.kind, "created" if created else "updated")
         await self._remember([(u, v) for u, v, _ in written] + [(u, None) for u in refresh])
         if self.linker is not None:
-            for u, _, _ in written:
-                if u.resource["resourceType"] == "Patient":
-                    await self._link(u.resource["id"])
+            await self._link([u.resource["id"] for u, _, _ in written if u.resource["resourceType"] == "Patient"])
         return rejections
 
-    async def _link(self, patient_id: str) -> None:
+    async def _link(self, patient_ids: list[str]) -> None:
+        """All of a round's Patients in one MPI transaction (one commit, not one per record); if
+        that fails, one by one, so that one record's failure does not leave the others unlinked."""
         assert self.linker is not None
-        try:
-            result = await self.linker(self.server, patient_id)
-        except Exception:  # the record is stored; a failed link is reported, not fatal
-            log.exception("MPI link failed for Patient/%s", patient_id)
-            self.report.link_errors += 1
+        if not patient_ids:
             return
-        decision = getattr(result, "decision", None) or "linked"
-        self.report.decisions[decision] += 1
-        if getattr(result, "golden", None):
-            self.report.linked += 1
+        try:
+            results = await self.linker(self.server, patient_ids)
+        except Exception:
+            if len(patient_ids) == 1:  # the record is stored; a failed link is reported, not fatal
+                log.exception("MPI link failed for Patient/%s", patient_ids[0])
+                self.report.link_errors += 1
+                return
+            for one in patient_ids:
+                await self._link([one])
+            return
+        for result in results:
+            self.report.decisions[getattr(result, "decision", None) or "linked"] += 1
+            if getattr(result, "golden", None):
+                self.report.linked += 1
 
     async def _write(self, items: list[tuple[Unit, Stored | None]], binaries: dict[str, Stored]) -> list[tuple[Unit, int, bool]]:
         connector, mapping = self.connector, self.connector.mapping

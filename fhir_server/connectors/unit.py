@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+_log = logging.getLogger("fhir_server.connectors")
 
 
 @dataclass
@@ -35,3 +38,13 @@ class BadRecord(Exception):
     def __init__(self, code: str, zh: str, en: str) -> None:
         super().__init__(en)
         self.code, self.zh, self.en = code, zh, en
+
+
+def as_bad_record(error: Exception, record: str) -> BadRecord:
+    """``error`` as a dead-letter reason: a refusal stays what it is; any other exception is a
+    defect of the mapping, logged, and the record waits in the dead letters for a fixed mapping
+    (a replay) instead of stopping the whole sync."""
+    if isinstance(error, BadRecord):
+        return error
+    _log.error("mapping %s failed", record, exc_info=error)
+    return BadRecord("mapping-error", f"映射程序出错（{type(error).__name__}），待修复后重放", f"the mapping failed: {type(error).__name__}: {error}")

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from fhir_server.interactions._representation import shape, shape_raw
 from fhir_server.interactions._resource import prefer
 from fhir_server.interactions.context import FhirResponse
+from fhir_server.strict_json import reject_duplicate_keys, reject_non_finite
 from fhir_server.outcome import FhirError, bad_request
 
 FHIR_JSON = "application/fhir+json"
@@ -34,19 +35,6 @@ def response_format(request: Request) -> None:
     if any(k in _JSON_TYPES or k in ("*/*", "application/*") for k in kinds):
         return
     raise FhirError.of(406, "not-supported", f"Cannot produce '{accept[:80]}'; this server speaks application/fhir+json")
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate property '{k[:60]}'")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 async def read_body(request: Request, max_bytes: int, *, patch: bool = False) -> Any:
@@ -80,7 +68,7 @@ def parse_json(data: bytes) -> Any:
     try:
         # The stdlib parser is used (not orjson) because FHIR forbids duplicate properties and
         # NaN/Infinity, and only it lets us see them.
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=reject_non_finite)
     except RecursionError:
         raise bad_request("The JSON is nested too deeply", code="structure") from None
     except ValueError as e:

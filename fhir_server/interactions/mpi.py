@@ -26,7 +26,7 @@ from fhir_server.mpi.candidates import candidates, sources_of
 from fhir_server.mpi.linker import TYPES, not_found, resolve_in
 from fhir_server.mpi.match import demographics, grade
 from fhir_server.mpi.merge import find_merge, merge_in, unmerge_in
-from fhir_server.outcome import FhirError, Issue, bad_request, operation_outcome
+from fhir_server.outcome import FhirError, Issue, operation_outcome
 from fhir_server.search.compartments import DEF, compartment_members, compartment_params
 
 MATCH_GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"

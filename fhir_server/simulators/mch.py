@@ -25,7 +25,7 @@ import orjson
 
 from fhir_server.simulators.immunization import Faults
 from fhir_server.simulators import _http
-from fhir_server.simulators.population import DISTRICTS, Child, Population
+from fhir_server.simulators.population import DISTRICTS, Child, Population, id_number
 
 _BAD = ("id-check-digit", "missing-field", "impossible-date", "unknown-colour", "before-birth")
 _CHECKUP_MONTHS = (1, 3, 6, 12, 24, 36, 48, 60, 72)
@@ -132,7 +132,8 @@ class MchUpstream:
             bad = copy.deepcopy(next(r for r in recs if r["recordType"] == "child-checkup"))
             bad["recordId"] += "X"
             if kind == "id-check-digit":
-                idn = bad["child"]["idNumber"]
+                # a child recorded without a number (a scenario's noise) gets one to mistype
+                idn = bad["child"].get("idNumber") or id_number(child.district, child.birth_date, 1, child.sex)
                 bad["child"]["idNumber"] = idn[:17] + ("0" if idn[17] != "0" else "1")
             elif kind == "missing-field":
                 del bad["heightCm"]

@@ -306,7 +306,7 @@ class MongoStore:
                     )
                     result = await work(unit)
                     await unit.flush()
-                    await self._commit(session)
+                    await commit(session)
                     return result
                 except (Conflict, DuplicateKeyError) as e:
                     await _abort(session)
@@ -329,17 +329,6 @@ class MongoStore:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.1)
         raise Conflict(f"gave up after {_MAX_ATTEMPTS} conflicting attempts: {last}")
-
-    async def _commit(self, session: AsyncClientSession) -> None:
-        for attempt in range(5):
-            try:
-                await session.commit_transaction()
-                return
-            except PyMongoError as e:
-                # Retrying a commit is safe (it is idempotent); giving up must not pass for success.
-                if e.has_error_label("UnknownTransactionCommitResult") and attempt < 4:
-                    continue
-                raise
 
     # -- re-indexing ---------------------------------------------------------------------
     # For search parameters registered at run time (fhir_server/search/reindex.py): indexes on
@@ -574,3 +563,15 @@ class MongoUnit:
                 raise Conflict(f"{type_}: a resource changed while this request was processed")
         await self._db[HISTORY].bulk_write(history, ordered=True, session=self._session)
 
+
+async def commit(session: AsyncClientSession) -> None:
+    """Commit the session's transaction, retrying a commit whose result is unknown."""
+    for attempt in range(5):
+        try:
+            await session.commit_transaction()
+            return
+        except PyMongoError as e:
+            # Retrying a commit is safe (it is idempotent); giving up must not pass for success.
+            if e.has_error_label("UnknownTransactionCommitResult") and attempt < 4:
+                continue
+            raise
