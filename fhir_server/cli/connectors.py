@@ -29,11 +29,9 @@ _SOURCES = tuple(_UPSTREAMS)
 
 
 def _connector(source: str) -> Any:
-    from fhir_server.connectors.emr import EmrConnector
-    from fhir_server.connectors.immunization import ImmunizationConnector
-    from fhir_server.connectors.mch import MchConnector
+    from fhir_server.connectors import pulled_connector
 
-    return {"immunization": ImmunizationConnector, "emr": EmrConnector, "mch": MchConnector}[source]()
+    return pulled_connector(source)
 
 
 @asynccontextmanager

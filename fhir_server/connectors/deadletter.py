@@ -39,6 +39,19 @@ class Rejection:
         return hashlib.sha256(self.raw).hexdigest()
 
 
+_indexed: set[tuple[int, str]] = set()
+
+
+async def _ensure_indexes(collection: Any) -> None:
+    """What listing (by status and source, oldest first) and a run's report look up by; created
+    once per process and database (create_index on an existing index is a cheap no-op, but a round trip)."""
+    key = (id(collection.database.client), collection.database.name)
+    if key not in _indexed:
+        await collection.create_index([("status", 1), ("source", 1), ("first_seen", 1)])
+        await collection.create_index([("run_id", 1)])
+        _indexed.add(key)
+
+
 async def put(server: Server, source: str, rejections: list[Rejection], run_id: str) -> None:
     if not rejections:
         return
@@ -72,7 +85,9 @@ async def put(server: Server, source: str, rejections: list[Rejection], run_id: 
                 upsert=True,
             )
         )
-    await database(server)[DEAD_LETTERS].bulk_write(ops, ordered=False)
+    collection = database(server)[DEAD_LETTERS]
+    await _ensure_indexes(collection)
+    await collection.bulk_write(ops, ordered=False)
 
 
 async def list_open(server: Server, source: str | None = None, *, status: str = "open", limit: int = 1000) -> list[dict[str, Any]]:
@@ -97,3 +112,9 @@ async def resolve(server: Server, keys: list[str], run_id: str) -> None:
         await database(server)[DEAD_LETTERS].update_many(
             {"_id": {"$in": keys}}, {"$set": {"status": "resolved", "resolved": now, "resolved_by": run_id}}
         )
+
+
+async def of_run(server: Server, run_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+    """The letters a run (a sync, a push, a replay) filed or saw again."""
+    cursor = database(server)[DEAD_LETTERS].find({"run_id": run_id}).sort([("first_seen", 1), ("_id", 1)]).limit(limit)
+    return [d async for d in cursor]

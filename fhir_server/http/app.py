@@ -29,6 +29,7 @@ def build_server(settings: Settings, store: MongoStore) -> Server:
     """Attach the interceptors the settings ask for."""
     from fhir_server.interactions import validate  # noqa: F401  (registers $validate)
     from fhir_server.interactions import mpi  # noqa: F401  (registers $match, $merge, $everything, ...)
+    from fhir_server.interactions import connectors  # noqa: F401  (registers $ingest, $dead-letters, ...)
     from fhir_server.interceptors import search_parameters, validation
     from fhir_server.interceptors.integrity import check_references
 

@@ -37,8 +37,9 @@ def response_format(request: Request) -> None:
     raise FhirError.of(406, "not-supported", f"Cannot produce '{accept[:80]}'; this server speaks application/fhir+json")
 
 
-async def read_body(request: Request, max_bytes: int, *, patch: bool = False) -> Any:
-    """The parsed JSON body: 413 when too large, 415 for a non-JSON type, 400 for malformed JSON."""
+async def read_body(request: Request, max_bytes: int, *, patch: bool = False) -> tuple[Any, bytes]:
+    """(the parsed JSON body, its bytes): 413 when too large, 415 for a non-JSON type, 400 for
+    malformed JSON."""
     content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     allowed = _JSON_TYPES | (_PATCH_TYPES if patch else set())
     if content_type and content_type not in allowed and content_type != "application/x-www-form-urlencoded":
@@ -55,7 +56,7 @@ async def read_body(request: Request, max_bytes: int, *, patch: bool = False) ->
     data = b"".join(chunks)
     if not data.strip():
         raise bad_request("The request has no body", code="structure")
-    return parse_json(data)
+    return parse_json(data), data
 
 
 def parse_json(data: bytes) -> Any:

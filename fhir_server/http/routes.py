@@ -37,14 +37,14 @@ async def _dispatch(
     server: Server = request.app.state.server
     response_format(request)
     query = list(request.query_params.multi_items())
-    payload = None
+    payload, raw = None, None
     if form:
         content_type = (request.headers.get("content-type") or "").split(";")[0].strip()
         if content_type not in ("application/x-www-form-urlencoded", ""):
             raise FhirError.of(415, "not-supported", "POST _search takes application/x-www-form-urlencoded parameters")
         query += [(k, v) for k, v in (await request.form()).multi_items() if isinstance(v, str)]
     elif body or patch_body:
-        payload = await read_body(request, server.settings.max_body_bytes, patch=patch_body)
+        payload, raw = await read_body(request, server.settings.max_body_bytes, patch=patch_body)
     req = FhirRequest(
         method=request.method,
         type=type_,
@@ -53,6 +53,7 @@ async def _dispatch(
         query=query,
         headers={k.lower(): v for k, v in request.headers.items()},
         body=payload,
+        raw_body=raw,
         base_url=_base_url(request, server),
         compartment=compartment,
     )

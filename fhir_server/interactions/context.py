@@ -29,6 +29,7 @@ class FhirRequest:
     query: list[tuple[str, str]] = field(default_factory=list)
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     body: Any = None
+    raw_body: bytes | None = None  # the bytes ``body`` was parsed from (kept by the push of records)
     base_url: str = ""
     # A compartment search (``Patient/123/Observation``): the compartment's type and id.
     compartment: tuple[str, str] | None = None
