@@ -58,6 +58,39 @@ class Settings:
     mpi_auto_link: float = 0.95
     mpi_review: float = 0.60
 
+    # Access control (fhir_server/auth, issue #6). Require a valid bearer token on the FHIR routes.
+    auth_enabled: bool = True
+    # Issuer (iss) of the built-in development authorization server's tokens; default: the origin
+    # of public_base_url (else http://127.0.0.1:8080) + "/auth". Never taken from a request.
+    auth_issuer: str = ""
+    # Accepted token audiences (aud), comma-separated; default: public_base_url (else
+    # http://127.0.0.1:8080/fhir). Tokens the development server issues carry the first.
+    auth_audience: str = ""
+    # Trusted external OpenID Connect providers: "issuer=jwks_url,issuer2=jwks_url2".
+    auth_external_issuers: str = ""
+    # Clock skew tolerated on exp, nbf and iat of tokens and client assertions.
+    auth_leeway_seconds: int = 60
+    # Lifetime of the access tokens the development server issues.
+    auth_token_lifetime_seconds: int = 3600
+    # How long an external provider's JWKS is cached (an unknown kid refetches it sooner).
+    auth_jwks_cache_seconds: int = 300
+    # Serve the development authorization server (/auth/*, smart-configuration) and seed its demo
+    # clients. Turn off in production, where an external provider issues tokens.
+    auth_dev_server: bool = True
+    # The development server's password-less demo logins (authorize auto-approves the login_hint
+    # user): "loopback" (only for clients on this machine), "any", or "off".
+    auth_dev_logins: str = "loopback"
+
+    # Audit (fhir_server/audit). AuditEvent.source: the observer's name and the site (机构/平台名称).
+    audit_enabled: bool = True
+    audit_observer: str = "fhir-server-cn"
+    audit_site: str = ""
+    # Most events appended in one transaction; seconds a data-changing request waits for its events
+    # to be durable (then the audit is reported unavailable); seconds between chain anchors (0: none).
+    audit_batch_max: int = 500
+    audit_wait_seconds: float = 10.0
+    audit_anchor_seconds: float = 300.0
+
 
 def _coerce(value: str, kind: type) -> Any:
     if kind is bool:

@@ -36,6 +36,7 @@ def mongo_uri() -> Iterator[str]:
 def make_settings(mongo_uri: str, **overrides):
     # Loading the shipped profiles and terminology costs every fresh database time: only tests that ask.
     overrides.setdefault("load_conformance", False)
+    overrides.setdefault("auth_enabled", False)
     return load_settings(mongodb_uri=mongo_uri, database=f"test_{uuid.uuid4().hex[:8]}", **overrides)
 
 

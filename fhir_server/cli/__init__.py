@@ -21,6 +21,8 @@ from pathlib import Path
 
 import click
 
+from fhir_server.cli.audit import audit_group
+from fhir_server.cli.auth import auth_group
 from fhir_server.cli.connectors import deadletter_group, simulate_upstream, sync_command
 from fhir_server.cli.loader import load_command
 from fhir_server.cli.reindex import reindex_command
@@ -138,6 +140,8 @@ cli.add_command(reindex_command, "reindex")
 cli.add_command(simulate_upstream, "simulate-upstream")
 cli.add_command(sync_command, "sync")
 cli.add_command(deadletter_group, "deadletter")
+cli.add_command(auth_group, "auth")
+cli.add_command(audit_group, "audit")
 
 
 def main() -> None:
