@@ -119,3 +119,73 @@ class Scenario:
         if len(found) != 1 or any((name, birth_date) in v.collisions for v in self.views.values()):
             return None
         return found.pop()
+
+
+@dataclasses.dataclass
+class LinkQuality:
+    """Golden records against the planted truth. A pair of source Patients is *found* when they
+    share a golden and *true* when they render the same resident; a source still in review is
+    linked to nothing."""
+
+    sources: int
+    residents: int
+    goldens: int
+    in_review: int
+    found_pairs: int
+    true_pairs: int
+    correct_pairs: int
+    unknown: list[str]  # source Patients no view rendered (should be none)
+    split_residents: int  # residents whose linked sources are in more than one golden
+    shared_goldens: int  # goldens holding sources of more than one resident
+
+    @property
+    def precision(self) -> float:
+        return self.correct_pairs / self.found_pairs if self.found_pairs else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.correct_pairs / self.true_pairs if self.true_pairs else 1.0
+
+
+def link_quality(scenario: Scenario, sources: dict[str, dict[str, Any]], goldens: dict[str, dict[str, Any]]) -> LinkQuality:
+    """Measure ``goldens`` (active golden Patients by id) over ``sources`` (source Patients by id)."""
+    from itertools import combinations
+
+    from fhir_server.mpi import golden as g
+
+    who: dict[str, str] = {}
+    unknown = []
+    for pid, patient in sources.items():
+        name = ((patient.get("name") or [{}])[0] or {}).get("text", "")
+        resident = scenario.resident_of(name, patient.get("birthDate", ""))
+        if resident is None:
+            unknown.append(pid)
+        else:
+            who[pid] = resident
+    golden_of: dict[str, str] = {}
+    for gid, golden in goldens.items():
+        for sid in g.source_ids(golden):
+            golden_of[sid] = gid
+    by_golden: dict[str, list[str]] = defaultdict(list)
+    by_resident: dict[str, list[str]] = defaultdict(list)
+    for pid, resident in who.items():
+        by_resident[resident].append(pid)
+        if pid in golden_of:
+            by_golden[golden_of[pid]].append(pid)
+
+    def pairs(groups: dict[str, list[str]]) -> set[tuple[str, str]]:
+        return {(a, b) if a < b else (b, a) for members in groups.values() for a, b in combinations(members, 2)}
+
+    found, true = pairs(by_golden), pairs(by_resident)
+    return LinkQuality(
+        sources=len(sources),
+        residents=len(by_resident),
+        goldens=len(goldens),
+        in_review=sum(1 for pid in sources if pid not in golden_of),
+        found_pairs=len(found),
+        true_pairs=len(true),
+        correct_pairs=len(found & true),
+        unknown=unknown,
+        split_residents=sum(1 for m in by_resident.values() if len({golden_of[p] for p in m if p in golden_of}) > 1),
+        shared_goldens=sum(1 for m in by_golden.values() if len({who[p] for p in m}) > 1),
+    )
