@@ -91,6 +91,38 @@ class Settings:
     audit_wait_seconds: float = 10.0
     audit_anchor_seconds: float = 300.0
 
+    # Protection (fhir_server/http/protection.py)
+    # Requests per second and burst per client, as a token bucket per worker process (each worker
+    # counts alone: N workers allow N times the rate). Keyed by the bearer token's client (azp,
+    # client_id or sub), else by the remote address; 0 turns the limit off.
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: int = 100
+    # Remote addresses never limited, comma-separated: the machine's own tools (load, sync). Behind a
+    # proxy on this host, have it send X-Forwarded-For (uvicorn trusts it from 127.0.0.1) or clear this.
+    rate_limit_exempt: str = "127.0.0.1,::1"
+    # Origins of residents' web apps allowed to call the API from a browser (CORS): exact origins,
+    # comma-separated ("https://jkda.sh.example,https://app.example"); empty: no CORS.
+    cors_origins: str = ""
+    # Seconds a request may run before it is answered 503 (the work is cancelled; 0: no limit).
+    request_timeout_seconds: float = 60.0
+    # Send Strict-Transport-Security on every response, not only on https requests (set it when TLS
+    # ends at a proxy that does not pass X-Forwarded-Proto).
+    hsts_always: bool = False
+
+    # Field encryption (fhir_server/storage/field_crypto.py): ID-document and phone numbers are
+    # stored encrypted (AES-256-GCM) and searched through a keyed blind index (HMAC-SHA256). On by
+    # default: the server refuses to start without a key; `fhir-server run` makes one beside its
+    # embedded mongod's data folder. Setting it false stores them in clear (logged loudly).
+    field_encryption: bool = True
+    # The master key: base64 of 32 random bytes (FHIR_FIELD_KEY), or a file holding it (mode 600).
+    # Keep it out of the database's backups, and back it up apart: without it the numbers are lost.
+    field_key: str = ""
+    field_key_file: str = ""
+    # Earlier master keys, comma-separated base64: their tokens still decrypt after a key change.
+    field_previous_keys: str = ""
+    # Identifier systems protected besides the 身份证 system (comma-separated URIs).
+    field_protected_systems: str = ""
+
 
 def _coerce(value: str, kind: type) -> Any:
     if kind is bool:

@@ -6,6 +6,8 @@ in a temporary folder and removed afterwards.
 
 from __future__ import annotations
 
+import base64
+import os
 import shutil
 import tempfile
 import uuid
@@ -33,10 +35,17 @@ def mongo_uri() -> Iterator[str]:
         shutil.rmtree(dbpath, ignore_errors=True)
 
 
+# Field encryption on for the whole suite, with a key made for this session (fhir_server/storage/
+# field_crypto.py): in the environment, so settings loaded without make_settings and the servers
+# tests start as subprocesses have it too.
+os.environ.setdefault("FHIR_FIELD_KEY", base64.b64encode(os.urandom(32)).decode())
+
+
 def make_settings(mongo_uri: str, **overrides):
     # Loading the shipped profiles and terminology costs every fresh database time: only tests that ask.
     overrides.setdefault("load_conformance", False)
     overrides.setdefault("auth_enabled", False)
+    overrides.setdefault("audit_enabled", False)
     return load_settings(mongodb_uri=mongo_uri, database=f"test_{uuid.uuid4().hex[:8]}", **overrides)
 
 

@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import httpx
@@ -44,12 +45,13 @@ def mongo() -> Iterator[str]:
         shutil.rmtree(dbpath, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def base_url(mongo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def _serving(mongo: str, log: Path, **env_extra: str) -> Iterator[str]:
     """``fhir-server serve`` on a free port and a fresh database; its base URL."""
     port = embedded.free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "MONGODB_URI": mongo, "FHIR_DATABASE": f"load_{uuid.uuid4().hex[:10]}"}
+    env = {**os.environ, "MONGODB_URI": mongo, "FHIR_DATABASE": f"load_{uuid.uuid4().hex[:10]}", **env_extra}
+    if "FHIR_AUTH_ENABLED" not in env_extra:  # the server's own default, whatever this shell says
+        env.pop("FHIR_AUTH_ENABLED", None)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(_BIN), "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -72,6 +74,13 @@ def base_url(mongo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         yield url
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def base_url(mongo: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The loader's own behaviour, on a server without access control (with it: test_load_with_a_token)."""
+    with _serving(mongo, tmp_path_factory.mktemp("server") / "server.log", FHIR_AUTH_ENABLED="0") as url:
+        yield url
 
 
 def _get(url: str, path: str, **params: str) -> dict[str, Any]:
@@ -255,3 +264,22 @@ def test_load_synthea_sample(base_url: str) -> None:
     done = _load(base_url, *patients_files, *shared)  # given last on purpose: the loader orders them
     assert done.returncode == 0, done.stdout + done.stderr
     assert _count(base_url, "Patient") - before == expected
+
+
+def test_load_with_a_token(mongo: str, tmp_path: Path) -> None:
+    """A server as `fhir-server serve` starts it (access control on): the loader without a token is
+    refused and says so; with a development token from `fhir-server auth dev-token` it loads."""
+    with _serving(mongo, tmp_path / "server.log") as url:
+        value = uuid.uuid4().hex
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(_patient("urn:test:token", value)), encoding="utf-8")
+        refused = _load(url, path)
+        assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
+        token = _cli("auth", "dev-token", "--kind", "clinician", "--url", url)
+        assert token.returncode == 0, token.stderr
+        loaded = _load(url, path, extra=("--token", token.stdout.strip()))
+        assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+        search = {"identifier": f"urn:test:token|{value}"}
+        assert httpx.get(f"{url}/Patient", params=search, timeout=30, trust_env=False).status_code == 401
+        found = httpx.get(f"{url}/Patient", params=search, headers={"Authorization": f"Bearer {token.stdout.strip()}"}, timeout=30, trust_env=False)
+        assert found.status_code == 200 and found.json()["total"] == 1

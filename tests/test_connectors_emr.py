@@ -26,6 +26,7 @@ from fhir_server.connectors.provenance import provenance_id
 from fhir_server.connectors.transport import FileTransport, HttpTransport, RetryPolicy
 from fhir_server.http.app import create_app
 from fhir_server.simulators.emr import EmrUpstream
+from fhir_server.storage import field_crypto  # the stored JSON holds ID and phone numbers encrypted
 
 DATA = Path(__file__).parent / "data" / "emr"
 SD = "https://fhir.cn-ehr.org/StructureDefinition"
@@ -153,7 +154,7 @@ async def _emr_resources(server) -> list[dict]:
     out = []
     for type_ in ("Patient", "Encounter", "Condition", "Observation", "MedicationRequest", "MedicationStatement", "Procedure", "DocumentReference"):
         async for doc in db[type_].find({"_id": {"$regex": "^emr-"}, "d": False}, {"r": 1}):
-            out.append(orjson.loads(doc["r"]))
+            out.append(orjson.loads(field_crypto.decode(doc["r"])))
     return out
 
 

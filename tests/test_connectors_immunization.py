@@ -25,6 +25,7 @@ from fhir_server.connectors.mapping import shipped
 from fhir_server.connectors.transport import FileTransport, HttpTransport, RetryPolicy
 from fhir_server.http.app import create_app
 from fhir_server.simulators.immunization import ImmunizationUpstream
+from fhir_server.storage import field_crypto  # the stored JSON holds ID and phone numbers encrypted
 
 DATA = Path(__file__).parent / "data" / "immunization"
 SD = "https://fhir.cn-ehr.org/StructureDefinition"
@@ -84,7 +85,7 @@ async def _connector_resources(server) -> list[dict]:
     out = []
     for type_ in ("Patient", "Immunization", "AdverseEvent"):
         async for doc in db[type_].find({"_id": {"$regex": "^imz-"}, "d": False}, {"r": 1}):
-            out.append(orjson.loads(doc["r"]))
+            out.append(orjson.loads(field_crypto.decode(doc["r"])))
     return out
 
 
@@ -108,7 +109,7 @@ async def test_full_sync_counts_traceability_and_idempotence(server, http, upstr
     assert len(resources) == truth["records"]
     provs = {}
     async for doc in database(server)["Provenance"].find({"d": False}, {"r": 1}):
-        p = orjson.loads(doc["r"])
+        p = orjson.loads(field_crypto.decode(doc["r"]))
         provs[p["target"][0]["reference"]] = p
     for res in resources[:: max(1, len(resources) // 150)] + resources[-5:]:
         key = f"{res['resourceType']}/{res['id']}"
@@ -166,7 +167,7 @@ async def test_changed_record_makes_a_new_version_with_a_new_provenance(server, 
     assert int(cp.since) == len(up.deliveries)
     assert report.received > 1 and report.updated == 1 and report.created == 0 and report.balanced
     code = original.split("<chil_code>", 1)[1][:18]
-    docs = [orjson.loads(d["r"]) async for d in database(server)["Immunization"].find({"d": False}, {"r": 1})]
+    docs = [orjson.loads(field_crypto.decode(d["r"])) async for d in database(server)["Immunization"].find({"d": False}, {"r": 1})]
     [imm] = [r for r in docs if r.get("lotNumber") == f"{lot}-FIX"]
     assert code in imm["meta"]["source"] and imm["meta"]["versionId"] == "2"
     history = (await http.get(f"/Immunization/{imm['id']}/_history")).json()
@@ -303,7 +304,7 @@ async def test_with_the_real_mpi_when_present(server):
     finally:
         httpd.shutdown()
         httpd.server_close()
-    linked = [orjson.loads(d["r"]) async for d in database(server)["Patient"].find({"_id": {"$regex": "^imz-p-"}, "d": False}, {"r": 1})]
+    linked = [orjson.loads(field_crypto.decode(d["r"])) async for d in database(server)["Patient"].find({"_id": {"$regex": "^imz-p-"}, "d": False}, {"r": 1})]
     assert any(p.get("link") for p in linked)
 
 

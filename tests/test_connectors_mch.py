@@ -22,6 +22,7 @@ from fhir_server.connectors.provenance import provenance_id
 from fhir_server.connectors.transport import HttpTransport, RetryPolicy
 from fhir_server.http.app import create_app
 from fhir_server.simulators.mch import MchUpstream
+from fhir_server.storage import field_crypto  # the stored JSON holds ID and phone numbers encrypted
 
 DATA = Path(__file__).parent / "data" / "mch"
 _TYPES = ("Patient", "EpisodeOfCare", "Encounter", "Observation", "Condition", "CarePlan")
@@ -58,7 +59,7 @@ async def _resources(server) -> list[dict]:
     db, out = database(server), []
     for type_ in _TYPES:
         async for doc in db[type_].find({"_id": {"$regex": "^mch-"}, "d": False}, {"r": 1}):
-            out.append(orjson.loads(doc["r"]))
+            out.append(orjson.loads(field_crypto.decode(doc["r"])))
     return out
 
 

@@ -42,6 +42,7 @@ def base_url(mongo_uri: str) -> Iterator[str]:
         **os.environ,
         "MONGODB_URI": mongo_uri,
         "FHIR_DATABASE": f"test_fhirclient_{uuid.uuid4().hex[:8]}",
+        "FHIR_AUTH_ENABLED": "0",  # the client library's own test; access control: test_auth_matrix.py
     }
     env.pop("FHIR_SERVER_CONFIG", None)
     proc = subprocess.Popen(

@@ -432,7 +432,7 @@ async def _until(check: Any, timeout: float = 20) -> None:
 
 async def test_another_app_follows_through_the_change_stream(tx: httpx.AsyncClient, mongo_uri: str) -> None:
     settings = tx.app.state.server.settings  # type: ignore[attr-defined]
-    other = create_app(load_settings(mongodb_uri=mongo_uri, database=settings.database, load_conformance=False))
+    other = create_app(load_settings(mongodb_uri=mongo_uri, database=settings.database, load_conformance=False, auth_enabled=False))
     n = uid()[:12]
     cs_url, vs_url = f"http://example.org/CodeSystem/cs-{n}", f"http://example.org/ValueSet/cs-{n}"
     async with other.router.lifespan_context(other):

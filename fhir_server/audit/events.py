@@ -307,7 +307,9 @@ def _data_entities(rec: RequestRecord, where: _Path) -> list[dict[str, Any]]:
         targets.append(f"{type_}/{id_}" + (f"/_history/{version}" if version and _ID.match(version) else ""))
     for r in rec.resources:
         parts = r.split("/")
-        if len(parts) in (2, 4) and _TYPE.match(parts[0]) and all(_ID.match(p) for p in parts[1:]):
+        if len(parts) == 4 and parts[2] == "_history":  # Type/id/_history/version
+            parts = parts[:2] + parts[3:]
+        if len(parts) in (2, 3) and _TYPE.match(parts[0]) and all(_ID.match(p) for p in parts[1:]):
             targets.append(r)
     return [
         {

@@ -32,10 +32,13 @@ import urllib.parse
 from typing import Any
 
 ID_MASK = "[身份证已脱敏]"
+# Not inside a longer run of letters and digits; a percent-escape just before (``%7C`` of an
+# encoded ``|`` in a logged URL) is a separator, not part of the run.
+_BEFORE = r"(?:(?<![0-9A-Za-z])|(?<=%[0-9A-Fa-f]{2}))"
 _ID_CARD = re.compile(
-    r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![0-9A-Za-z])"
+    _BEFORE + r"[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![0-9A-Za-z])"
 )
-_MOBILE = re.compile(r"(?<![0-9A-Za-z])((?:\+|00)?86[- ]?)?(1[3-9]\d)(\d{4})(\d{4})(?![0-9A-Za-z])")
+_MOBILE = re.compile(_BEFORE + r"((?:\+|00)?86[- ]?)?(1[3-9]\d)(\d{4})(\d{4})(?![0-9A-Za-z])")
 _NAME_PARAM = re.compile(
     r"(?P<key>(?:(?<=[?&;\s'\"(,])|^)[A-Za-z_.:-]*?(?:name|family|given|phonetic)(?::[A-Za-z-]+)?=)(?P<value>[^&\s'\",;)]+)",
     re.IGNORECASE,
@@ -124,6 +127,10 @@ def redact_record(record: logging.LogRecord) -> logging.LogRecord:
 
 
 _FILTER = RedactingFilter()
+# Every logger name redaction was installed for, and their descendants' prefixes: a later call with
+# more names (the server adds "uvicorn" and "pymongo") extends the record factory already in place.
+_NAMES: set[str] = set()
+_PREFIXES: list[tuple[str, ...]] = [()]
 
 
 def install_log_redaction(loggers: tuple[str, ...] = _LOGGERS) -> RedactingFilter:
@@ -133,13 +140,14 @@ def install_log_redaction(loggers: tuple[str, ...] = _LOGGERS) -> RedactingFilte
         lg = logging.getLogger(name)
         if _FILTER not in lg.filters:
             lg.addFilter(_FILTER)
+    _NAMES.update(loggers)
+    _PREFIXES[0] = tuple(sorted(n + "." for n in _NAMES))
     previous = logging.getLogRecordFactory()
     if not getattr(previous, "_pii_redacting", False):
-        prefixes = tuple(n + "." for n in loggers)
 
         def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous(*args, **kwargs)
-            if record.name.startswith(prefixes) or record.name in loggers:
+            if record.name in _NAMES or record.name.startswith(_PREFIXES[0]):
                 redact_record(record)
             return record
 

@@ -5,7 +5,8 @@ A client document::
     {_id: client_id, name, grant_types: ["client_credentials"] | ["authorization_code"],
      token_endpoint_auth_method: "private_key_jwt" | "none", jwks: {keys: [...]} (public keys),
      scope: "system/*.rs …" (the most it may be granted), redirect_uris: [...],
-     source_restriction: meta.source system prefix it may write (hospitals), default_user: user id}
+     source_restriction: meta.source system prefix it may write (hospitals),
+     push_sources: [codes of mappings/fhir-push/sources.yaml it may POST $ingest as], default_user: user id}
 
 A development user (the password-less logins of the development server)::
 
@@ -34,6 +35,7 @@ DEMO_CLINICIAN_APP = "demo-clinician-app"
 DEMO_RESIDENT_APP = "demo-resident-app"
 DEMO_REDIRECT_URI = "http://127.0.0.1:8765/callback"
 DEMO_SOURCE = "http://demo-hospital.example.cn/emr"
+DEMO_PUSH_SOURCES = ["sh-demo-hosp-a"]  # mappings/fhir-push/sources.yaml
 
 _HOSPITAL_WRITES = ("Patient", "Encounter", "Observation", "Condition", "Procedure", "DiagnosticReport", "DocumentReference", "MedicationRequest")
 
@@ -100,6 +102,7 @@ async def register_client(
     jwks: Mapping[str, Any] | None = None,
     redirect_uris: Iterable[str] = (),
     source_restriction: str | None = None,
+    push_sources: Iterable[str] = (),
     default_user: str | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
@@ -115,6 +118,7 @@ async def register_client(
         "redirect_uris": list(redirect_uris),
         "scope": scope,
         "source_restriction": source_restriction,
+        "push_sources": list(push_sources),
         "default_user": default_user,
         "updated": datetime.now(timezone.utc),
     }
@@ -146,9 +150,12 @@ async def seed_demo(db: AsyncDatabase) -> None:
         "redirect_uris": [],
         "scope": "system/*.rs " + " ".join(f"system/{t}.cu" for t in _HOSPITAL_WRITES),
         "source_restriction": DEMO_SOURCE,
+        "push_sources": DEMO_PUSH_SOURCES,
         "default_user": None,
     }
     for doc in [hospital, *_DEMO_CLIENTS]:
         await db[CLIENTS].update_one({"_id": doc["_id"]}, {"$setOnInsert": {**doc, "updated": now}}, upsert=True)
+    # A database seeded before push sources existed: give the demo hospital its push source once.
+    await db[CLIENTS].update_one({"_id": DEMO_HOSPITAL, "push_sources": {"$exists": False}}, {"$set": {"push_sources": DEMO_PUSH_SOURCES}})
     for doc in _DEMO_USERS:
         await db[USERS].update_one({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)

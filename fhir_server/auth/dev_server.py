@@ -255,6 +255,8 @@ class DevAuthServer:
             claims["fhirUser"] = fhir_user
         if client.get("source_restriction"):
             claims["source_restriction"] = client["source_restriction"]
+        if client.get("push_sources"):
+            claims["push_sources"] = list(client["push_sources"])
         body: dict[str, Any] = {
             "access_token": await self.keys.sign(claims, typ="at+jwt"),
             "token_type": "Bearer",

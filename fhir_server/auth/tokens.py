@@ -99,6 +99,8 @@ class Principal:
     # The meta.source system prefix this client may write (hospitals); enforced by the HTTP layer.
     source_restriction: str | None = None
     expires_at: int | None = None
+    # The push sources (mappings/fhir-push/sources.yaml codes) this client may ``$ingest`` as.
+    push_sources: tuple[str, ...] = ()
     claims: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -316,6 +318,7 @@ def principal(claims: Mapping[str, Any], issuer: str) -> Principal:
     subject = str(claims.get("sub"))
     client_id = claims.get("client_id") or claims.get("azp") or subject
     source = claims.get("source_restriction")
+    pushes = claims.get("push_sources")
     return Principal(
         subject=subject,
         client_id=str(client_id),
@@ -327,5 +330,6 @@ def principal(claims: Mapping[str, Any], issuer: str) -> Principal:
         issuer=issuer,
         source_restriction=source if isinstance(source, str) else None,
         expires_at=claims.get("exp") if isinstance(claims.get("exp"), int) else None,
+        push_sources=tuple(p for p in pushes if isinstance(p, str)) if isinstance(pushes, list) else (),
         claims=dict(claims),
     )

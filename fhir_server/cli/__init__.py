@@ -46,18 +46,50 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+def _auth_banner(settings, url: str) -> None:  # noqa: ANN001
+    """Say whether access control is on, and how to get a token."""
+    if not settings.auth_enabled:
+        click.secho(
+            "WARNING: access control is OFF (FHIR_AUTH_ENABLED=0): anyone who reaches this port reads and changes every record.",
+            fg="red", bold=True, err=True,
+        )
+        return
+    click.echo("access control is ON: every request except /metadata needs 'Authorization: Bearer <token>'")
+    if settings.auth_dev_server:
+        click.echo(f"  development tokens (SMART; discovery at {url}/.well-known/smart-configuration):")
+        for kind, what in (
+            ("hospital", "system/ scopes, private_key_jwt client credentials; writes only its own meta.source"),
+            ("clinician", "user/*.cruds"),
+            ("resident", "patient/ scopes, confined to the demo resident's own record"),
+            ("auditor", "user/AuditEvent.rs"),
+        ):
+            uri = os.environ.get("MONGODB_URI", "")
+            uri = "<the server's MONGODB_URI>" if "@" in uri or not uri else uri  # no password on the screen
+            env = f"MONGODB_URI='{uri}' " if kind == "hospital" else ""  # the demo hospital's key is in the database
+            click.echo(f"    {env}fhir-server auth dev-token --kind {kind:<9} --url {url}   # {what}")
+        click.echo(f'  e.g. curl -H "Authorization: Bearer $(fhir-server auth dev-token --kind clinician)" {url}/Patient')
+    if settings.auth_external_issuers:
+        click.echo(f"  trusted external issuers: {settings.auth_external_issuers}")
+
+
 def _serve(host: str, port: int, workers: int, config: str | None) -> None:
     import uvicorn
 
     if config:
         os.environ["FHIR_SERVER_CONFIG"] = config
+    from fhir_server.storage import field_crypto
+
     try:
-        load_settings()  # the workers load them again; a mistake is better said once, here
+        settings = load_settings()  # the workers load them again; a mistake is better said once, here
+        field_crypto.from_settings(settings)  # no key while field encryption is on: refuse now
     except ValueError as e:
         raise click.ClickException(f"settings: {e}") from None
+    except field_crypto.FieldCryptoError as e:
+        raise click.ClickException(str(e)) from None
     if not _port_free(host, port):
         raise click.ClickException(f"port {port} on {host} is already in use (is the server already running?)")
     click.echo(f"FHIR R4 server on http://{host}:{port}/fhir  (MongoDB: {os.environ['MONGODB_URI'].split('@')[-1]})")
+    _auth_banner(settings, f"http://{host}:{port}{settings.base_path}")
     uvicorn.run(
         "fhir_server.http.app:create_app",
         factory=True,
@@ -95,6 +127,7 @@ def run(host: str, port: int, mongo_port: int, data_dir: str, workers: int, conf
     started = False
     dbpath = Path(data_dir)
     if not os.environ.get("MONGODB_URI"):
+        _embedded_field_key(dbpath, config)
         already = embedded.running_pid(dbpath) is not None
         try:
             uri = embedded.start(mongo_port, dbpath)
@@ -110,6 +143,25 @@ def run(host: str, port: int, mongo_port: int, data_dir: str, workers: int, conf
         if started:
             embedded.stop(dbpath)
             click.echo("embedded mongod stopped")
+
+
+def _embedded_field_key(dbpath: Path, config: str | None) -> None:
+    """With no field key configured, the embedded mode keeps one beside its data folder (made on the
+    first start, mode 600), so ID and phone numbers are encrypted from the first write."""
+    from fhir_server.storage import field_crypto
+
+    try:
+        settings = load_settings(config)
+    except ValueError:
+        return  # _serve says what is wrong
+    if not settings.field_encryption or settings.field_key or settings.field_key_file:
+        return
+    key_file = dbpath.parent / "field.key"
+    if not key_file.exists():
+        field_crypto.write_key_file(key_file)
+        click.echo(f"field encryption key created: {key_file} (back it up apart from the database: without it "
+                   "the stored ID and phone numbers cannot be read)")
+    os.environ["FHIR_FIELD_KEY_FILE"] = str(key_file.resolve())
 
 
 @cli.group(context_settings=_CONTEXT)

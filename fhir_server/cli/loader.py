@@ -340,6 +340,7 @@ async def load(
     batch_size: int = 500,
     timeout: float = 300.0,
     progress: Progress | None = None,
+    token: str | None = None,
 ) -> LoadReport:
     """Load every file under ``paths`` into the FHIR server at ``url``."""
     files = discover(paths)
@@ -361,7 +362,7 @@ async def load(
     timeouts = httpx.Timeout(connect=10.0, read=timeout, write=60.0, pool=None)
     started = time.perf_counter()
     async with httpx.AsyncClient(
-        base_url=url.rstrip("/") + "/", headers=_HEADERS, timeout=timeouts, limits=limits, trust_env=not _is_loopback(url)
+        base_url=url.rstrip("/") + "/", headers=with_token(_HEADERS, token), timeout=timeouts, limits=limits, trust_env=not _is_loopback(url)
     ) as client:
         for group, width in ((first, 1), (rest, max(concurrency, 1))):
             queue: asyncio.Queue[_Request | None] = asyncio.Queue(maxsize=2 * width)
@@ -390,6 +391,11 @@ async def load(
     if progress and res_task is not None:
         progress.update(res_task, total=processed[0])
     return report
+
+
+def with_token(headers: dict[str, str], token: str | None) -> dict[str, str]:
+    """``headers`` with ``Authorization: Bearer <token>`` when a token is given."""
+    return {**headers, "Authorization": f"Bearer {token}"} if token else headers
 
 
 def run_load(paths: Iterable[str | Path], url: str, *, show_progress: bool = True, **options: Any) -> LoadReport:
@@ -442,8 +448,9 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10_000), help="NDJSON 每批条数 / NDJSON lines per batch Bundle")
 @click.option("--timeout", default=300.0, show_default=True, help="单个请求超时（秒）/ per-request timeout in seconds")
+@click.option("--token", envvar="FHIR_TOKEN", help="访问令牌（或环境变量 FHIR_TOKEN）/ bearer token (or FHIR_TOKEN), e.g. from `fhir-server auth dev-token --kind hospital`")
 @click.option("--quiet", "-q", is_flag=True, help="不显示进度条 / no progress bar")
-def load_command(paths: tuple[Path, ...], url: str, concurrency: int, order: str, batch_size: int, timeout: float, quiet: bool) -> None:
+def load_command(paths: tuple[Path, ...], url: str, concurrency: int, order: str, batch_size: int, timeout: float, token: str | None, quiet: bool) -> None:
     """导入 FHIR 数据 / Load FHIR data: PATH... are files or folders of .json, .json.bz2 (a Bundle or a
     single resource), .ndjson or .ndjson.bz2 (one resource per line).
 
@@ -454,7 +461,7 @@ def load_command(paths: tuple[Path, ...], url: str, concurrency: int, order: str
     files = discover(paths)
     if not files:
         raise click.ClickException(f"no {', '.join(_SUFFIXES)} files under {', '.join(map(str, paths))}")
-    report = run_load(files, url, show_progress=not quiet, concurrency=concurrency, order=order, batch_size=batch_size, timeout=timeout)
+    report = run_load(files, url, show_progress=not quiet, concurrency=concurrency, order=order, batch_size=batch_size, timeout=timeout, token=token)
     console = Console()
     for table in summary_tables(report):
         console.print(table)

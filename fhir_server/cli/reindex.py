@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 import click
+
+from fhir_server.cli.loader import with_token
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -45,15 +47,16 @@ def _problem(resp: httpx.Response) -> str:
 )
 @click.option("--interval", default=0.5, show_default=True, help="查询进度的间隔（秒）/ seconds between progress polls")
 @click.option("--timeout", default=60.0, show_default=True, help="单个请求超时（秒）/ per-request timeout in seconds")
+@click.option("--token", envvar="FHIR_TOKEN", help="访问令牌（或环境变量 FHIR_TOKEN）/ bearer token (or FHIR_TOKEN) with system/*.u")
 @click.option("--quiet", "-q", is_flag=True, help="不显示进度条 / no progress bar")
-def reindex_command(url: str, params: tuple[str, ...], interval: float, timeout: float, quiet: bool) -> None:
+def reindex_command(url: str, params: tuple[str, ...], interval: float, timeout: float, token: str | None, quiet: bool) -> None:
     """重建检索索引 / Re-index stored resources for search parameters, and wait until done."""
     base = url.rstrip("/")
     console = Console(stderr=True, quiet=quiet)
     body = {"resourceType": "Parameters", "parameter": [{"name": "url", "valueUri": p} for p in params]}
     started = time.monotonic()
     try:
-        with httpx.Client(timeout=timeout, headers=_HEADERS) as http:
+        with httpx.Client(timeout=timeout, headers=with_token(_HEADERS, token)) as http:
             resp = http.post(f"{base}/$reindex", json=body)
             if resp.status_code not in (200, 202):
                 raise click.ClickException(f"the server refused the re-index: {_problem(resp)}")

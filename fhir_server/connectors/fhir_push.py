@@ -46,6 +46,7 @@ from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.interactions.context import Server, Tx
 from fhir_server.strict_json import reject_duplicate_keys, reject_non_finite
 from fhir_server.outcome import FhirError
+from fhir_server.storage import field_crypto
 from fhir_server.storage.base import Stored
 
 REGISTRY = MAPPINGS / "fhir-push" / "sources.yaml"
@@ -515,7 +516,7 @@ class FhirPushConnector(MappedSource):
         db, out = database(server), {}
         for type_, ids in by_type.items():
             async for doc in db[type_].find({"_id": {"$in": sorted(ids)}, "d": False}, {"r": 1} if type_ == "Patient" else {"_id": 1}):
-                golden = type_ == "Patient" and _is_golden(doc.get("r"))
+                golden = type_ == "Patient" and _is_golden(field_crypto.decode(doc.get("r"), type_))
                 out[f"{type_}/{doc['_id']}"] = "golden" if golden else "yes"
         return out
 

@@ -13,7 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from fhir_server.audit import AuditTrail, install_log_redaction
 from fhir_server.config import Settings, load_settings
+from fhir_server.http import audit, protection
 from fhir_server.http.negotiation import error_response
 from fhir_server.http.routes import install_routes
 from fhir_server.interactions.context import Server, storage_error
@@ -43,6 +45,9 @@ def build_server(settings: Settings, store: MongoStore) -> Server:
     from fhir_server.conformance import watch as conformance_watch
 
     conformance_watch.install(server)  # registry updates after commit; terminology operations
+    from fhir_server.interceptors import access
+
+    access.install(server)  # who may store what (first of the pre_store interceptors); no-op without a caller
     return server
 
 
@@ -56,6 +61,20 @@ async def _bounded(step: Awaitable[None], what: str) -> None:
         log.warning("stopping the %s took over %.0f s; going on", what, _SHUTDOWN_STEP_SECONDS)
 
 
+def _install_auth(app: FastAPI, settings: Settings) -> None:
+    if settings.auth_enabled or settings.auth_dev_server:
+        from fhir_server.auth import install
+
+        install(app, settings)  # /auth/* and smart-configuration only when settings.auth_dev_server
+    if not settings.auth_enabled:
+        log.warning(
+            "!!! ACCESS CONTROL IS OFF (FHIR_AUTH_ENABLED=0): every request may read and change every record, "
+            "without a token. Never run a server with real data like this. !!!"
+        )
+    elif not settings.auth_dev_server and not settings.auth_external_issuers:
+        log.warning("auth is on but no token issuer is configured (auth_dev_server off, auth_external_issuers empty): every request will be refused")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     if not settings.mongodb_uri:
@@ -66,6 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client: AsyncMongoClient = AsyncMongoClient(settings.mongodb_uri, tz_aware=True, maxPoolSize=200)
         store = MongoStore(client, settings.database, indexes_for=search_indexes)
         await store.open()
+        install_log_redaction(("fhir_server", "uvicorn", "pymongo"))  # no ID numbers, phones, names in clear in logs
+        trail = app.state.audit_trail = AuditTrail.from_settings(store, settings) if settings.audit_enabled else None
+        if trail is not None:
+            await trail.start()
         app.state.server = server = build_server(settings, store)
         from fhir_server.interceptors.search_parameters import SearchParameterWatch
 
@@ -87,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             # Each step is bounded: a change stream stuck in the driver must not hold shutdown.
+            if trail is not None:
+                await trail.stop()  # drains its queue (bounded itself), before the client closes
             if server.reindexer is not None:
                 await _bounded(server.reindexer.close(), "re-index runner")
             await _bounded(conformance.stop(), "conformance watch")
@@ -95,6 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="fhir-server-cn", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     install_routes(app, settings.base_path)
+    _install_auth(app, settings)  # token validation (app.state.auth) and the development authorization server
+    protection.install(app, settings)  # rate limit, timeout, security headers, CORS
+    audit.install(app, settings)  # every FHIR request audited when settings.audit_enabled
 
     @app.exception_handler(FhirError)
     async def _fhir_error(request: Request, exc: FhirError) -> Response:

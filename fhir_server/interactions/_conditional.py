@@ -47,6 +47,12 @@ async def find_matches(
         max_matches=tx.settings.max_chain_matches,
         base_url="",
     )
+    from fhir_server.interceptors.access import current
+
+    caller = current()  # a patient-confined caller matches only within its compartment
+    confined = caller.confine_filter(type_) if caller is not None else None
+    if confined is not None:
+        compiled.filter = {"$and": [compiled.filter, confined]} if compiled.filter else confined
     key = type_ + "?" + "&".join(f"{k}={v}" for k, v in sorted(selecting))
     if lock:
         await tx.unit.lock("cond:" + hashlib.sha256(key.encode()).hexdigest())

@@ -28,6 +28,7 @@ from fhir_server.interactions import update as update_mod
 from fhir_server.interactions._conditional import find_matches, parse_criteria, too_many
 from fhir_server.interactions._resource import instant, new_id, prefer, stored_headers
 from fhir_server.interactions.context import FhirRequest, FhirResponse, Server, Tx, storage_error
+from fhir_server.interceptors import access as access_mod
 from fhir_server.outcome import FhirError, Issue, bad_request, operation_outcome
 from fhir_server.search.extract import REFERENCE_BYTES as _REFERENCE_BYTES
 from fhir_server.storage.base import Conflict, TooLarge
@@ -52,6 +53,8 @@ class _Entry:
     target_id: str | None = None
     matched_existing: bool = False
     _references: list[str] | None = None
+    # The caller (fhir_server/interceptors/access.py): each entry is held to the bundle's caller's rights.
+    access: Any = None
 
     def references(self) -> list[str]:
         """Every ``reference`` string inside this entry's resource (found once, then kept)."""
@@ -118,6 +121,7 @@ def _request_for(entry: _Entry, base_url: str, body: Any, headers: dict[str, str
         headers=headers if headers is not None else entry.headers,
         body=body,
         base_url=base_url,
+        access=entry.access,
     )
 
 
@@ -319,7 +323,11 @@ async def _transaction(server: Server, entries: list[_Entry], base_url: str, rep
 
         async def run(e: _Entry) -> None:
             try:
-                results[e.index] = await _run_entry_in(tx, e, base_url, mapping)
+                resp = await _run_entry_in(tx, e, base_url, mapping)
+                if e.method in ("GET", "HEAD"):  # a confined read answers only within the compartment
+                    kind = access_mod.entry_interaction(e.method, e.type, e.id, e.version, e.url)
+                    resp = await access_mod.check_entry_answer(server, _request_for(e, base_url, None), kind, resp)
+                results[e.index] = resp
             except FhirError as err:
                 raise _in_entry(err, e.index) from None
 
@@ -356,8 +364,9 @@ async def _transaction(server: Server, entries: list[_Entry], base_url: str, rep
 # -- batch -----------------------------------------------------------------------------------
 
 
-async def _batch_entry(server: Server, raw: Any, index: int, base_url: str) -> FhirResponse:
+async def _batch_entry(server: Server, raw: Any, index: int, base_url: str, caller: Any = None) -> FhirResponse:
     e = _entry_from(raw, index, base_url)
+    e.access = caller
     _check_placeholders(e, {}, "batch")
     req = _request_for(e, base_url, e.resource)
     handler: Callable[[Server, FhirRequest], Awaitable[FhirResponse]]
@@ -387,20 +396,22 @@ async def _batch_entry(server: Server, raw: Any, index: int, base_url: str) -> F
             handler = capabilities
     else:
         raise FhirError.of(400, "not-supported", f"{e.method} {e.url[:100]} is not supported in a batch")
-    return await handler(server, req)
+    # The same checks as the standalone request (fhir_server/interceptors/access.py).
+    kind = access_mod.entry_interaction(e.method, e.type, e.id, e.version, e.url)
+    return await access_mod.guard(server, req, kind, handler)
 
 
 _BATCH_CONCURRENCY = 8
 
 
-async def _batch(server: Server, raw_entries: list[Any], base_url: str, representation: bool) -> dict[str, Any]:
+async def _batch(server: Server, raw_entries: list[Any], base_url: str, representation: bool, caller: Any = None) -> dict[str, Any]:
     """Entries of a batch are independent (http.html#brules), so a few run at once."""
     gate = asyncio.Semaphore(_BATCH_CONCURRENCY)
 
     async def one(index: int, raw: Any) -> dict[str, Any]:
         async with gate:
             try:
-                resp = await _batch_entry(server, raw, index, base_url)
+                resp = await _batch_entry(server, raw, index, base_url, caller)
                 return _response_entry(resp, base_url, representation, raw["request"]["method"])
             except (FhirError, Conflict, TooLarge) as exc:
                 err = exc if isinstance(exc, FhirError) else storage_error(exc)
@@ -425,7 +436,7 @@ async def process(server: Server, req: FhirRequest) -> FhirResponse:
         raise FhirError.of(413, "too-costly", f"The bundle has {len(raw_entries)} entries; this server takes at most {limit}")
     representation = prefer(req.headers, "return") == "representation"
     if kind == "batch":
-        return FhirResponse(200, resource=await _batch(server, raw_entries, req.base_url, representation))
+        return FhirResponse(200, resource=await _batch(server, raw_entries, req.base_url, representation, req.access))
     entries = [_entry_from(raw, i, req.base_url) for i, raw in enumerate(raw_entries)]
     full_urls: dict[str, int] = {}
     for e in entries:
@@ -440,6 +451,13 @@ async def process(server: Server, req: FhirRequest) -> FhirResponse:
                     expression=[f"Bundle.entry[{e.index}].fullUrl"],
                 )
             full_urls[e.full_url] = e.index
+    for e in entries:  # every entry as if it were its own request; what it stores is checked as stored
+        e.access = req.access
+        try:
+            kind = access_mod.entry_interaction(e.method, e.type, e.id, e.version, e.url)
+            await access_mod.authorize_entry(server, _request_for(e, req.base_url, e.resource), kind)
+        except FhirError as err:
+            raise _in_entry(err, e.index) from None
     return FhirResponse(200, resource=await _transaction(server, entries, req.base_url, representation))
 
 

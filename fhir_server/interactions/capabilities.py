@@ -114,7 +114,47 @@ on_change(_revincludes.cache_clear)
 
 async def capabilities(server: Server, req: FhirRequest) -> FhirResponse:
     statement = _statement(req.base_url, "multiple" if server.settings.conditional_delete == "multiple" else "single")
-    return FhirResponse(200, resource=_with_profiles(statement, server))
+    return FhirResponse(200, resource=_with_security(_with_profiles(statement, server), server, req.base_url))
+
+
+_SECURITY_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-service"
+_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+
+
+def _with_security(statement: dict[str, Any], server: Server, base_url: str) -> dict[str, Any]:
+    """rest.security when access control is on: SMART on FHIR, and where to get tokens (the
+    development authorization server's endpoints; an external provider's are in its own discovery)."""
+    settings = server.settings
+    if not settings.auth_enabled:
+        return statement
+    from urllib.parse import urlsplit
+
+    from fhir_server.auth import _urls
+
+    security: dict[str, Any] = {
+        "cors": True,
+        "service": [
+            {
+                "coding": [{"system": _SECURITY_SERVICE, "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"}],
+                "text": "OAuth2 bearer tokens with SMART on FHIR scopes (v1 and v2): system/ (hospitals), user/ (staff), patient/ (residents)",
+            }
+        ],
+        "description": "访问需要 Bearer 令牌（SMART on FHIR）/ Every request except /metadata needs a bearer token; see .well-known/smart-configuration",
+    }
+    if settings.auth_dev_server:
+        u = urlsplit(base_url)
+        auth = _urls.origin(settings, f"{u.scheme}://{u.netloc}" if u.netloc else None) + "/auth"
+        security["extension"] = [
+            {
+                "url": _OAUTH_URIS,
+                "extension": [
+                    {"url": "token", "valueUri": auth + "/token"},
+                    {"url": "authorize", "valueUri": auth + "/authorize"},
+                ],
+            }
+        ]
+    rest = {**statement["rest"][0], "security": security}
+    return {**statement, "rest": [rest, *statement["rest"][1:]]}
 
 
 def _with_profiles(statement: dict[str, Any], server: Server) -> dict[str, Any]:

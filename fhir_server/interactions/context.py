@@ -15,6 +15,7 @@ from fhir_server.outcome import FhirError
 from fhir_server.storage.base import Conflict, Store, Stored, TooLarge, UnitOfWork, Write
 
 if TYPE_CHECKING:
+    from fhir_server.interceptors.access import Access
     from fhir_server.search.reindex import Reindexer
 
 T = TypeVar("T")
@@ -33,6 +34,8 @@ class FhirRequest:
     base_url: str = ""
     # A compartment search (``Patient/123/Observation``): the compartment's type and id.
     compartment: tuple[str, str] | None = None
+    # The caller and its rights (fhir_server/interceptors/access.py); None when auth is off.
+    access: Access | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

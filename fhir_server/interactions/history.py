@@ -50,6 +50,11 @@ async def history(server: Server, req: FhirRequest) -> FhirResponse:
         page = await server.store.history(req.type, req.id, since=since, at=at, count=count, cursor=cursor)
     except ValueError as e:
         raise bad_request(str(e), expression=["_page"]) from None
+    if req.access is not None and (req.access.patients is not None or req.type is None):
+        # The caller's rights (fhir_server/interceptors/access.py): only versions it may see; the
+        # total would count the others, so it is left out.
+        page.entries = [s for s in page.entries if req.access.visible(s, instance=bool(req.id))]
+        page.total = None
     if req.id and not page.entries and cursor is None:
         if await server.store.current(req.type or "", req.id) is None:
             raise not_found(f"{req.type}/{req.id} is not known")

@@ -262,7 +262,11 @@ async def everything(server: Server, req: FhirRequest) -> FhirResponse:
         ors = [{"s." + p: {"$in": targets}} for p in compartment_params("Patient", type_) if p != DEF]
         if not ors:
             continue
-        ids = await store.find_ids(type_, ors[0] if len(ors) == 1 else {"$or": ors}, _EVERYTHING_MAX + 1)
+        flt = ors[0] if len(ors) == 1 else {"$or": ors}
+        allowed = req.access.filter(type_) if req.access is not None else None  # the caller's rights
+        if allowed is not None:
+            flt = {"$and": [flt, allowed]}
+        ids = await store.find_ids(type_, flt, _EVERYTHING_MAX + 1)
         truncated = truncated or len(ids) > _EVERYTHING_MAX
         keys += [(type_, i) for i in sorted(ids[:_EVERYTHING_MAX])]
         if len(keys) > _EVERYTHING_MAX:
@@ -273,7 +277,9 @@ async def everything(server: Server, req: FhirRequest) -> FhirResponse:
         by_type.setdefault(t, []).append(i)
     rows = {}
     for t, ids in by_type.items():
-        for r in await store.find(t, {"_id": {"$in": ids}}, limit=len(ids) + 1):
+        allowed = req.access.filter(t) if req.access is not None else None
+        flt = {"_id": {"$in": ids}} if allowed is None else {"$and": [{"_id": {"$in": ids}}, allowed]}
+        for r in await store.find(t, flt, limit=len(ids) + 1):
             rows[(t, r.id)] = r
     entries: list[dict[str, Any]] = [
         {

@@ -43,6 +43,9 @@ async def _search(
     types, query, path = await _target_types(store, req, query)
     compartment = _compartment_filter(req, types)
     lenient = prefer(req.headers, "handling") == "lenient"
+    # The caller's confinement (fhir_server/interceptors/access.py): on each type searched, on the
+    # steps of chains, _has and _list, and on what _include/_revinclude add.
+    confine = req.access.filter if req.access is not None else None
     compiled: dict[str, CompiledSearch] = {}
     for type_ in types:
         c = await compile_search(
@@ -55,9 +58,12 @@ async def _search(
             max_matches=settings.max_chain_matches,
             lenient=lenient,
             base_url=req.base_url,
+            confine=confine,
         )
         if compartment is not None:
             c.filter = {"$and": [c.filter, compartment[type_]]} if c.filter else compartment[type_]
+        if confine is not None and (allowed := confine(type_)) is not None:
+            c.filter = {"$and": [c.filter, allowed]} if c.filter else allowed
         compiled[type_] = c
     if not compiled:
         raise bad_request("No resource type to search")
@@ -87,7 +93,8 @@ async def _search(
         total = sum([await store.count(t, c.filter) for t, c in compiled.items()])
     included: list[Stored] = []
     if first.includes and found:
-        included, truncated = await include.resolve(store, found, first.includes, settings.max_include)
+        read_confine = (lambda t: req.access.filter(t, "read")) if req.access is not None else None
+        included, truncated = await include.resolve(store, found, first.includes, settings.max_include, confine=read_confine)
         if truncated:
             first.ignored.append(
                 Issue(

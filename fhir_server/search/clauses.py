@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from fhir_server.outcome import bad_request
-from fhir_server.search import grammar
+from fhir_server.search import grammar, parameters
 from fhir_server.search.extract import local_reference, normalize_string
 from fhir_server.search.parameters import SearchParam
+from fhir_server.storage import field_crypto
 
 Condition = dict[str, Any]
 
@@ -102,10 +104,44 @@ def quantity_match(name: str, value: str) -> Condition:
     return cond
 
 
-def token_value(name: str, value: str) -> Any:
-    """The stored token string (or a prefix condition) a token search value matches."""
+# Token parameters that may hold ID-document or phone numbers, indexed by their blind form when
+# protected (fhir_server/storage/field_crypto.py): those whose expression reads an identifier or a
+# telecom (identifier, phone, telecom, custom ones such as an `id-card`), and any so named.
+_PROTECTABLE = re.compile(r"identifier|telecom|phone|contactpoint", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1)
+def _protectable_codes() -> frozenset[str]:
+    codes = set()
+    for table in parameters._by_base().values():
+        for code, sp in table.items():
+            if sp.type == "token" and sp.expression and _PROTECTABLE.search(sp.expression):
+                codes.add(code)
+    for sp in parameters.custom_parameters():
+        if sp.type == "token" and sp.expression and _PROTECTABLE.search(sp.expression):
+            codes.add(sp.code)
+    return frozenset(codes)
+
+
+parameters.on_change(_protectable_codes.cache_clear)
+
+
+def protectable(name: str) -> bool:
+    return name in _protectable_codes() or _PROTECTABLE.search(name) is not None
+
+
+def token_value(name: str, value: str, *, protected: bool | None = None) -> Any:
+    """The stored token string (or a prefix condition) a token search value matches.
+
+    For a parameter that may hold protected values (``protected``, by default judged from the
+    name), the value's blind index form matches too: ``{"$in": [plain, blind]}``."""
     parts = grammar.split_pipe(value)
+    crypto = field_crypto.active()
+    if crypto is not None and not (protectable(name) if protected is None else protected):
+        crypto = None
     if len(parts) == 1:
+        if crypto is not None:
+            return {"$in": [parts[0], crypto.blind(parts[0])]}
         return parts[0]
     if len(parts) != 2:
         raise bad_request(f"Invalid token '{value[:60]}' for parameter '{name}' (expected [system|]code)", expression=[name])
@@ -114,7 +150,18 @@ def token_value(name: str, value: str) -> Any:
         if system == "":
             raise bad_request(f"Invalid token '|' for parameter '{name}'", expression=[name])
         return {"$regex": "^" + re.escape(system) + r"\|"}
+    if crypto is not None:
+        return {"$in": [f"{system}|{code}", f"{system}|{crypto.blind(code)}"]}
     return f"{system}|{code}"
+
+
+def of_type_value(name: str, type_system: str, type_code: str, value: str) -> Any:
+    """The stored ``:of-type`` string(s) (``system|code|value``) matching an identifier's value."""
+    plain = f"{type_system}|{type_code}|{value}"
+    crypto = field_crypto.active()
+    if crypto is None:
+        return plain
+    return {"$in": [plain, f"{type_system}|{type_code}|{crypto.blind(value)}"]}
 
 
 def string_match(modifier: str | None, value: str) -> Condition:
@@ -166,8 +213,11 @@ def simple_value(sp: SearchParam, name: str, modifier: str | None, value: str, p
         return element(path, string_match(modifier, value))
     if kind == "reference":
         if modifier == "identifier":
-            # Logical references are indexed as "?system|value" and "?value".
-            token = token_value(name, value)
+            # Logical references are indexed as "?system|value" and "?value" (a protected value by
+            # its blind form).
+            token = token_value(name, value, protected=True)
+            if isinstance(token, dict) and "$in" in token:
+                return scalar(path, {"$in": ["?" + t for t in token["$in"]]})
             if isinstance(token, dict):
                 return scalar(path, {"$regex": r"^\?" + token["$regex"][1:]})
             return scalar(path, "?" + token)

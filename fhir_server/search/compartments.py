@@ -47,3 +47,39 @@ def compartment_members(compartment: str) -> tuple[str, ...]:
     """The resource types that can be in a ``compartment`` compartment (alphabetical); empty for
     an unknown compartment."""
     return tuple(sorted(_table().get(compartment, {})))
+
+
+def patient_filter(resource_type: str, patient_ids: "frozenset[str] | set[str]") -> dict | None:
+    """The MongoDB condition for the resources of ``resource_type`` in the compartment of any of
+    ``patient_ids`` (a Patient itself: only those ids); None when the type cannot be in a Patient
+    compartment. Used to confine a patient-scoped token (fhir_server/interceptors/access.py)."""
+    ids = sorted(patient_ids)
+    if resource_type == "Patient":
+        return {"_id": {"$in": ids}}
+    params = [p for p in compartment_params("Patient", resource_type) if p != DEF]
+    if not params:
+        return None
+    targets = [f"Patient/{i}" for i in ids]
+    ors = [{"s." + p: {"$in": targets}} for p in params]
+    return ors[0] if len(ors) == 1 else {"$or": ors}
+
+
+def in_patient_compartment(resource_type: str, resource: dict, patient_ids: "frozenset[str] | set[str]") -> bool:
+    """Whether a resource's content puts it in the compartment of one of ``patient_ids`` (the same
+    rule as :func:`patient_filter`, on the search values the resource would be stored with)."""
+    if resource_type == "Patient":
+        return resource.get("id") in patient_ids
+    params = [p for p in compartment_params("Patient", resource_type) if p != DEF]
+    if not params:
+        return False
+    from fhir_server.search.extract import index_resource
+
+    index = index_resource(resource)
+    targets = {f"Patient/{i}" for i in patient_ids}
+    for p in params:
+        values = index.get(p)
+        if isinstance(values, str):
+            values = [values]
+        if any(isinstance(v, str) and v in targets for v in values or ()):
+            return True
+    return False

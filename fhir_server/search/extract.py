@@ -20,6 +20,7 @@ import orjson
 from fhir_server.search import parameters
 from fhir_server.search.parameters import SPECIAL, SearchParam, params_for
 from fhir_server.search.pinyin import has_cjk, pinyin_keys
+from fhir_server.storage import field_crypto
 
 Extractor = Callable[[dict[str, Any]], list[Any]]
 # Evaluates a composite's component on one node of the composite; the resource is for %resource.
@@ -402,6 +403,10 @@ def _token_values(node: Any, out: list[str], texts: list[str] | None = None) -> 
         if code is None:
             code = node.get("value")  # Identifier, ContactPoint
             identifier_type = node.get("type")
+            crypto = field_crypto.active()
+            if crypto is not None and isinstance(code, str) and crypto.protects(node):
+                # An ID-document or phone number: its blind index, never the number (field_crypto.py).
+                code = crypto.blind(code)
         if isinstance(code, str):
             system = node.get("system")
             out.append(f"{system}|{code}" if isinstance(system, str) else f"|{code}")
@@ -494,6 +499,9 @@ def _reference_values(node: Any, out: list[str]) -> None:
     ident = node.get("identifier")
     if isinstance(ident, dict) and isinstance(ident.get("value"), str):
         value, system = ident["value"], ident.get("system")
+        crypto = field_crypto.active()
+        if crypto is not None and crypto.protects(ident):
+            value = crypto.blind(value)
         # `subject:identifier=sys|val`; the "?" keeps these apart from "Type/id" and URLs.
         out.append(f"?{system}|{value}" if isinstance(system, str) else f"?|{value}")
         out.append(f"?{value}")

@@ -4,7 +4,7 @@ and those that refer to them, fetched by index in a few queries per round.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from fhir_server.definitions import RESOURCE_TYPES
 from fhir_server.search.extract import local_reference
@@ -32,11 +32,22 @@ def _targets_of(stored: Stored, inc: Include) -> list[str]:
     return out
 
 
+def _within(query: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    return query if extra is None else {"$and": [query, extra]}
+
+
 async def resolve(
-    store: _Finder, matches: list[Stored], includes: Sequence[Include], limit: int
+    store: _Finder,
+    matches: list[Stored],
+    includes: Sequence[Include],
+    limit: int,
+    *,
+    confine: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> tuple[list[Stored], bool]:
     """The resources ``includes`` add to ``matches`` (none of the matches again), and whether
-    ``limit`` cut them short."""
+    ``limit`` cut them short. ``confine(type)`` is the condition a resource of that type must also
+    meet to be added (the caller's rights; None: any)."""
+    restrict: Callable[[str], dict[str, Any] | None] = confine or (lambda _t: None)
     seen = {f"{s.type}/{s.id}" for s in matches}
     added: list[Stored] = []
     frontier = list(matches)
@@ -64,7 +75,7 @@ async def resolve(
             if type_ not in RESOURCE_TYPES:
                 continue  # a reference to a type this server does not know cannot be included
             fields = sorted(include_fields([i for i in includes if i.iterate], type_))
-            got = await store.find(type_, {"_id": {"$in": sorted(ids)}}, limit=room + 1, index_fields=fields)
+            got = await store.find(type_, _within({"_id": {"$in": sorted(ids)}}, restrict(type_)), limit=room + 1, index_fields=fields)
             if len(got) > room:
                 truncated, got = True, got[:room]
             found.extend(got)
@@ -85,7 +96,7 @@ async def resolve(
                 truncated = True
                 continue
             fields = sorted(include_fields([i for i in includes if i.iterate], inc.source))
-            got = await store.find(inc.source, {"s." + inc.param: {"$in": keys}}, limit=room + 1, index_fields=fields)
+            got = await store.find(inc.source, _within({"s." + inc.param: {"$in": keys}}, restrict(inc.source)), limit=room + 1, index_fields=fields)
             if len(got) > room:
                 truncated, got = True, got[:room]
             found.extend(got)

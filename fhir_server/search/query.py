@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import orjson
 
@@ -95,6 +95,12 @@ class _Context:
     max_matches: int
     # The server's terminology service (registry-backed: filters, imports); None: stored resources only.
     terminology: Any = None
+    # The caller's rights: the condition a resource of a type must meet to be seen (None: any).
+    confine: Callable[[str], Condition | None] | None = None
+
+    def within(self, type_: str, condition: Condition) -> Condition:
+        extra = self.confine(type_) if self.confine is not None else None
+        return condition if extra is None else {"$and": [condition, extra]}
 
 
 async def compile_search(
@@ -108,9 +114,13 @@ async def compile_search(
     lenient: bool = False,
     base_url: str = "",
     terminology: Any = None,
+    confine: Callable[[str], Condition | None] | None = None,
 ) -> CompiledSearch:
-    """Compile a search on ``resource_type``; unknown parameters are a 400 unless ``lenient``."""
-    ctx = _Context(lookup, base_url, max_matches, terminology)
+    """Compile a search on ``resource_type``; unknown parameters are a 400 unless ``lenient``.
+
+    ``confine(type)`` (the caller's rights, fhir_server/interceptors/access.py) is applied to the
+    intermediate steps (chains, ``_has``, ``_list``); the caller applies it to the result type."""
+    ctx = _Context(lookup, base_url, max_matches, terminology, confine)
     ands: list[Condition] = []
     result = CompiledSearch(filter={}, sort=[paging.SortKey("_id", 1)], count=default_count)
     for raw_name, value in query:
@@ -352,7 +362,7 @@ async def _chain(
     refs: list[str] = []
     for target in usable:
         inner = await _criterion(ctx, target, rest, value, depth + 1)
-        ids = await ctx.lookup.find_ids(target, inner, ctx.max_matches + 1)
+        ids = await ctx.lookup.find_ids(target, ctx.within(target, inner), ctx.max_matches + 1)
         _check_matches(len(ids), ctx, f"{name}.{rest}")
         refs.extend(f"{target}/{i}" for i in ids)
     return {"s." + sp.code: {"$in": refs}} if refs else _NEVER
@@ -374,7 +384,7 @@ async def _reverse_chain(ctx: _Context, type_: str, raw_name: str, value: str, d
     if sp.targets and type_ not in sp.targets:
         raise bad_request(f"{source}.{ref_name} does not refer to {type_}", expression=[raw_name[:60]])
     inner = await _criterion(ctx, source, rest, value, depth + 1)
-    refs = await ctx.lookup.distinct(source, inner, sp.code, ctx.max_matches * 4)
+    refs = await ctx.lookup.distinct(source, ctx.within(source, inner), sp.code, ctx.max_matches * 4)
     prefix = type_ + "/"
     ids = sorted({r[len(prefix) :] for r in refs if isinstance(r, str) and r.startswith(prefix)})
     _check_matches(len(ids), ctx, raw_name)
@@ -399,7 +409,7 @@ async def _list_clause(ctx: _Context, type_: str, modifier: str | None, value: s
         list_id = grammar.unescape(list_id)
         if not grammar.ID_RE.match(list_id):
             raise grammar.not_supported(f"_list={list_id[:60]}: only lists by id are supported", "_list")
-        found = await ctx.lookup.find("List", {"_id": list_id}, limit=1)
+        found = await ctx.lookup.find("List", ctx.within("List", {"_id": list_id}), limit=1)
         if not found or not found[0].raw:
             continue
         for entry in orjson.loads(found[0].raw).get("entry", ()):

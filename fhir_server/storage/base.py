@@ -11,7 +11,8 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Stored:
-    """One version of a resource as stored. ``raw`` is its JSON (with meta), None when deleted."""
+    """One version of a resource as stored. ``raw`` is its JSON (with meta), None when deleted;
+    always in clear: a store encrypts protected fields at rest itself (fhir_server/storage/field_crypto.py)."""
 
     type: str
     id: str

@@ -4,7 +4,9 @@ Layout: one collection per resource type holding the *current* version of each r
 (``_id`` = logical id, ``v`` version, ``t`` lastUpdated, ``d`` deleted, ``r`` the JSON bytes,
 ``s`` the search index values), and one ``_history`` collection holding every version. Storing the
 JSON as bytes lets a read return them without decoding; search works on ``s`` only, through one
-sparse index per search parameter (see fhir_server/search/indexes.py).
+sparse index per search parameter (see fhir_server/search/indexes.py). ID-document and phone
+numbers inside ``r`` are stored as encrypted tokens and put back in clear on every read
+(fhir_server/storage/field_crypto.py); ``s`` holds their blind index instead of the numbers.
 
 Every write runs in a multi-document transaction with majority, journaled write concern, so a
 write is acknowledged only once durable, and a unit of work is all-or-nothing.
@@ -25,6 +27,7 @@ from pymongo.read_concern import ReadConcern
 from pymongo.read_preferences import ReadPreference
 from pymongo.write_concern import WriteConcern
 
+from fhir_server.storage import field_crypto
 from fhir_server.storage.base import Conflict, HistoryPage, Stored, TooLarge, Write
 
 T = TypeVar("T")
@@ -42,8 +45,14 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
+# Every stored JSON handed out goes through field_crypto.decode (protected values back in clear) and
+# every one written through field_crypto.encode: nothing above the storage layer sees a token.
+_decode = field_crypto.decode
+_encode = field_crypto.encode
+
+
 def _stored(type_: str, doc: dict[str, Any]) -> Stored:
-    return Stored(type_, doc["_id"], doc["v"], _as_utc(doc["t"]), doc["d"], doc.get("r"), index=doc.get("s"))
+    return Stored(type_, doc["_id"], doc["v"], _as_utc(doc["t"]), doc["d"], _decode(doc.get("r"), type_), index=doc.get("s"))
 
 
 _NEGATIVE_OPS = frozenset({"$exists", "$not", "$nin", "$ne", "$nor"})
@@ -73,7 +82,8 @@ def _live(query: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stored_history(doc: dict[str, Any]) -> Stored:
-    return Stored(doc["ty"], doc["id"], doc["v"], _as_utc(doc["t"]), doc["d"], doc.get("r"), doc.get("m", "PUT"))
+    type_ = doc["ty"]
+    return Stored(type_, doc["id"], doc["v"], _as_utc(doc["t"]), doc["d"], _decode(doc.get("r"), type_), doc.get("m", "PUT"))
 
 
 def _encode_cursor(t: datetime, key: str) -> str:
@@ -376,7 +386,7 @@ class MongoStore:
         cursor = self._db[type_].find(query, {"v": 1, "r": 1, "s._refs": 1}).sort("_id", 1)
         if limit:
             cursor = cursor.limit(limit)
-        return [(d["_id"], d["v"], d["r"], d.get("s", {}).get("_refs")) async for d in cursor]
+        return [(d["_id"], d["v"], _decode(d["r"], type_), d.get("s", {}).get("_refs")) async for d in cursor]
 
     async def set_search_values(self, type_: str, values: Sequence[tuple[str, int, dict[str, Any]]]) -> list[str]:
         """Replace ``s`` of each (id, version, s) whose version is still the current one; the ids
@@ -522,6 +532,9 @@ class MongoUnit:
 
     async def lock(self, key: str) -> None:
         """Serialise units that touch ``key``: two transactions updating one document conflict."""
+        crypto = field_crypto.active()
+        if crypto is not None:  # lock keys may hold an ID number or a phone (fhir_server/mpi)
+            key = crypto.lock_key(key)
         await self._db[LOCKS].update_one({"_id": key}, {"$inc": {"n": 1}}, upsert=True, session=self._session)
 
     def write(self, write: Write) -> None:
@@ -536,7 +549,8 @@ class MongoUnit:
         replaces: dict[str, int] = {}
         history = []
         for w in pending:
-            doc = {"_id": w.id, "v": w.version, "t": w.last_updated, "d": w.raw is None, "r": w.raw, "s": w.index}
+            raw = _encode(w.type, w.raw)
+            doc = {"_id": w.id, "v": w.version, "t": w.last_updated, "d": w.raw is None, "r": raw, "s": w.index}
             ops = by_type.setdefault(w.type, [])
             if w.expected_version is None:
                 ops.append(InsertOne(doc))
@@ -553,7 +567,7 @@ class MongoUnit:
                         "t": w.last_updated,
                         "d": w.raw is None,
                         "m": w.method,
-                        "r": w.raw,
+                        "r": raw,
                     }
                 )
             )
