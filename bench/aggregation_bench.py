@@ -5,9 +5,10 @@ by the three simulators over HTTP on this machine. Each connector's first sync a
 (idempotent: nothing written) are timed; then the golden records are measured against the
 planted truth (pairwise precision and recall of "same golden" against "same resident").
 
-Every write goes through what a client's write goes through: the CN profiles are loaded, so
-Patients, Immunizations, Provenances ... are validated; each resource version gets its Binary and
-Provenance; every source Patient is linked by ``fhir_server.mpi.link_many``.
+Every mapped resource goes through what a client's write goes through: the CN profiles are
+loaded, so Patients, Immunizations, Encounters ... are validated; ID and phone numbers are
+encrypted at rest; each resource version gets its Binary and Provenance; every source Patient is
+linked by ``fhir_server.mpi.link_many``.
 
 The ceiling: the same number of documents inserted by raw PyMongo (one insert_many per page of
 the same size, no validation, no Provenance, no MPI) — what MongoDB alone costs.
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import os
 import shutil
 import sys
 import tempfile
@@ -70,6 +73,7 @@ async def _run(children: int, families: int, adults: int, page_size: int) -> dic
     from fhir_server.simulators.immunization import ImmunizationUpstream
     from fhir_server.simulators.mch import MchUpstream
     from fhir_server.simulators.scenario import Scenario, link_quality
+    from fhir_server.storage import field_crypto
     from fhir_server.storage import mongod as embedded
 
     import orjson
@@ -86,7 +90,11 @@ async def _run(children: int, families: int, adults: int, page_size: int) -> dic
             ("hospital EMR 电子病历", EmrUpstream(seed=43, residents=adults, population=scenario.view("emr")), EmrConnector),
         ]
         out["simulators_s"] = time.perf_counter() - t0
-        app = create_app(load_settings(mongodb_uri=uri, database="bench", load_conformance=True, auth_enabled=False, audit_enabled=False))
+        # As deployed (profiles loaded, ID and phone numbers encrypted), without access control and
+        # audit: the connectors run in-process, not through HTTP requests.
+        key = base64.b64encode(os.urandom(32)).decode()
+        settings = load_settings(mongodb_uri=uri, database="bench", load_conformance=True, auth_enabled=False, audit_enabled=False, field_key=key)
+        app = create_app(settings)
         async with app.router.lifespan_context(app):
             server = app.state.server
             for label, up, connector in upstreams:
@@ -106,7 +114,7 @@ async def _run(children: int, families: int, adults: int, page_size: int) -> dic
                     httpd.server_close()
             sources, goldens = {}, {}
             async for doc in database(server)["Patient"].find({"d": False}, {"r": 1}):
-                patient = orjson.loads(doc["r"])
+                patient = orjson.loads(field_crypto.decode(doc["r"], "Patient"))
                 if g.is_golden(patient):
                     if patient.get("active") is not False:
                         goldens[patient["id"]] = patient
