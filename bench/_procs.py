@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -36,7 +37,17 @@ class Server:
         self.port = embedded.free_port()
         self.url = f"http://127.0.0.1:{self.port}/fhir"
         self.log = log
-        env = {**os.environ, "MONGODB_URI": mongo_uri, "FHIR_DATABASE": database}
+        # The REST benchmarks measure the FHIR work without access control and audit (the load
+        # generator has no token); ID and phone numbers are encrypted as deployed, with a key made
+        # for the run.
+        env = {
+            **os.environ,
+            "MONGODB_URI": mongo_uri,
+            "FHIR_DATABASE": database,
+            "FHIR_AUTH_ENABLED": "0",
+            "FHIR_AUDIT_ENABLED": "0",
+            "FHIR_FIELD_KEY": os.environ.get("FHIR_FIELD_KEY") or base64.b64encode(os.urandom(32)).decode(),
+        }
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [str(FHIR_SERVER), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],

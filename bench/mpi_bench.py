@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import os
 import random
 import shutil
 import sys
@@ -212,7 +214,10 @@ def pairwise(truth: list[int], predicted: list[str | None]) -> tuple[float, floa
 
 
 async def run(args: argparse.Namespace, mongo_uri: str) -> dict[str, Any]:
-    settings = load_settings(mongodb_uri=mongo_uri, database=f"mpi_bench_{uuid.uuid4().hex[:8]}", load_conformance=False)
+    settings = load_settings(
+        mongodb_uri=mongo_uri, database=f"mpi_bench_{uuid.uuid4().hex[:8]}", load_conformance=False,
+        auth_enabled=False, audit_enabled=False, field_key=base64.b64encode(os.urandom(32)).decode(),
+    )
     app = create_app(settings)
     records, planted = generate(args.residents, args.seed)
     async with app.router.lifespan_context(app):
