@@ -131,3 +131,28 @@ async def test_dead_letter_api_errors(http, method, url, status):
     r = await http.request(method, url)
     assert r.status_code == status, r.text
     assert r.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_dead_letters_hold_no_id_number_in_clear(app, http):
+    """A refused record keeps its bytes for the replay, sealed with the field key like stored
+    resources: the collection never shows the ID number; the API shows it to whoever may list."""
+    import bson
+
+    from fhir_server.connectors._db import DEAD_LETTERS, database
+
+    server = app.state.server
+    record = next(r for r in MchUpstream(seed=6, children=2).deliveries if r["recordType"] == "child-checkup" and r["child"].get("idNumber"))
+    number = record["child"]["idNumber"]
+    wrong = number[:17] + ("0" if number[17] != "0" else "1")
+    bad = {**record, "recordId": record["recordId"] + uid()[:6], "child": {**record["child"], "idNumber": wrong}}
+    connector = MchConnector()
+    units, rejections = connector.parse_record(bad)
+    assert [r.code for r in rejections] == ["id-check-digit"]
+    await runner.process(server, connector, units, rejections, runner.SyncReport(connector.code), "sealed-test", None)
+
+    stored = [d async for d in database(server)[DEAD_LETTERS].find({"run_id": "sealed-test"})]
+    assert len(stored) == 1
+    assert wrong.encode() not in bson.encode(stored[0]) and wrong[:17].encode() not in bson.encode(stored[0])
+    listed = _params((await http.get("/$dead-letters", params={"source": "mch", "_count": "1000"})).json())
+    mine = [d for d in listed["letter"] if d["record"].endswith(bad["recordId"])]
+    assert len(mine) == 1 and mine[0]["code"] == "id-check-digit" and mine[0]["reason"]

@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
+
+import orjson
 
 from fhir_server.connectors._db import DEAD_LETTERS, database
 from fhir_server.interactions.context import Server
+from fhir_server.storage import field_crypto
 
 
 @dataclass
@@ -59,6 +62,7 @@ async def put(server: Server, source: str, rejections: list[Rejection], run_id: 
 
     now = datetime.now(timezone.utc)
     ops = []
+    seal = _sealer()
     for r in rejections:
         key = f"{source}|{r.record_id}|{r.sha256}"
         ops.append(
@@ -70,11 +74,13 @@ async def put(server: Server, source: str, rejections: list[Rejection], run_id: 
                         "kind": r.kind,
                         "record_id": r.record_id,
                         "code": r.code,
-                        "reason_zh": r.reason_zh,
-                        "reason_en": r.reason_en,
-                        "raw": r.raw,
+                        # The record, its context and the reasons (which may quote a value) can
+                        # hold ID and phone numbers: sealed with the field key, like stored resources.
+                        "reason_zh": seal(r.reason_zh.encode()).decode(),
+                        "reason_en": seal(r.reason_en.encode()).decode(),
+                        "raw": seal(r.raw),
                         "sha256": r.sha256,
-                        "context": r.stored_context(),
+                        "context": seal(orjson.dumps(r.stored_context())),
                         "last_seen": now,
                         "run_id": run_id,
                         "status": "open",
@@ -90,12 +96,32 @@ async def put(server: Server, source: str, rejections: list[Rejection], run_id: 
     await collection.bulk_write(ops, ordered=False)
 
 
+def _sealer() -> Callable[[bytes], bytes]:
+    crypto = field_crypto.active()
+    return crypto.seal if crypto is not None else (lambda b: b)
+
+
+def _opened(doc: dict[str, Any]) -> dict[str, Any]:
+    """A stored letter with its sealed fields readable again (letters filed before encryption was
+    turned on are read as they are)."""
+    out = dict(doc)
+    for name in ("reason_zh", "reason_en"):
+        if isinstance(out.get(name), str):
+            out[name] = field_crypto.decode(out[name].encode()).decode()  # type: ignore[union-attr]
+    if isinstance(out.get("raw"), bytes):
+        out["raw"] = field_crypto.decode(out["raw"])
+    context = out.get("context")
+    if isinstance(context, bytes):
+        out["context"] = orjson.loads(field_crypto.decode(context))  # type: ignore[arg-type]
+    return out
+
+
 async def list_open(server: Server, source: str | None = None, *, status: str = "open", limit: int = 1000) -> list[dict[str, Any]]:
     query: dict[str, Any] = {"status": status} if status != "all" else {}
     if source:
         query["source"] = source
     cursor = database(server)[DEAD_LETTERS].find(query).sort([("first_seen", 1), ("_id", 1)]).limit(limit)
-    return [d async for d in cursor]
+    return [_opened(d) async for d in cursor]
 
 
 async def count(server: Server, source: str | None = None, status: str = "open") -> int:
@@ -117,4 +143,4 @@ async def resolve(server: Server, keys: list[str], run_id: str) -> None:
 async def of_run(server: Server, run_id: str, limit: int = 1000) -> list[dict[str, Any]]:
     """The letters a run (a sync, a push, a replay) filed or saw again."""
     cursor = database(server)[DEAD_LETTERS].find({"run_id": run_id}).sort([("first_seen", 1), ("_id", 1)]).limit(limit)
-    return [d async for d in cursor]
+    return [_opened(d) async for d in cursor]
