@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+from fhir_server.audit.redact import blind_numbers
 from fhir_server.interactions._resource import instant, new_id
 
 EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
@@ -360,7 +361,9 @@ def build_events(rec: RequestRecord, source: AuditSource = AuditSource(), *, bun
             {
                 "type": _coding(ENTITY_TYPE, "2", "System Object"),
                 "role": _coding(OBJECT_ROLE, "24", "Query"),
-                "query": base64.b64encode(rec.query.encode("utf-8")).decode("ascii"),
+                # ID and phone numbers as their blind index: the trail is hashed byte for byte and
+                # not encrypted at rest (redact.blind_numbers).
+                "query": base64.b64encode(blind_numbers(rec.query).encode("utf-8")).decode("ascii"),
             }
         )
     if rec.request_id:
