@@ -34,7 +34,11 @@ def build_server(settings: Settings, store: MongoStore) -> Server:
     from fhir_server.interactions import connectors  # noqa: F401  (registers $ingest, $dead-letters, ...)
     from fhir_server.interceptors import search_parameters, validation
     from fhir_server.interceptors.integrity import check_references
+    from fhir_server.storage import field_crypto
 
+    # The stored tokens and the blind search index need the field key before the first read or
+    # write: every worker passes here with its settings (raises when encryption is on without a key).
+    field_crypto.configure(settings)
     server = Server(settings, store)
     if settings.validate_on_write:
         validation.install(server)  # structure; profiles claimed or required

@@ -241,11 +241,7 @@ def install(server: Server) -> None:
     """Add the hooks to a server (the app starts a :class:`SearchParameterWatch` beside it)."""
     from fhir_server.interactions import reindex  # noqa: F401  (registers $reindex)
     from fhir_server.search.reindex import Reindexer
-    from fhir_server.storage import field_crypto
 
-    # The blind search index and the stored tokens need the field key before the first read or
-    # write: every worker passes here with its settings (raises when encryption is on without a key).
-    field_crypto.configure(server.settings)
     server.pre_store.append(check_search_parameter)
     server.after_commit.append(apply_search_parameters)
     server.reindexer = Reindexer(server.store, base_url=server.settings.public_base_url or "")
