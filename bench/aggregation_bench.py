@@ -69,6 +69,7 @@ async def _run(children: int, families: int, adults: int, page_size: int) -> dic
     from fhir_server.http.app import create_app
     from fhir_server.mpi import golden as g
     from fhir_server.mpi import link_many
+    from fhir_server.simulators._http import serving
     from fhir_server.simulators.emr import EmrUpstream
     from fhir_server.simulators.immunization import ImmunizationUpstream
     from fhir_server.simulators.mch import MchUpstream
@@ -98,8 +99,7 @@ async def _run(children: int, families: int, adults: int, page_size: int) -> dic
         async with app.router.lifespan_context(app):
             server = app.state.server
             for label, up, connector in upstreams:
-                httpd, url = up.start(token="bench")
-                try:
+                with serving(up, "bench") as url:
                     for run in ("first sync", "re-sync"):
                         transport = HttpTransport(url, "bench", page_size=page_size)
                         cpu0 = time.process_time()
@@ -109,9 +109,6 @@ async def _run(children: int, families: int, adults: int, page_size: int) -> dic
                             await transport.close()
                         assert report.error is None and report.balanced, (label, report.error)
                         out["runs"].append((label, run, report, time.process_time() - cpu0))
-                finally:
-                    httpd.shutdown()
-                    httpd.server_close()
             sources, goldens = {}, {}
             async for doc in database(server)["Patient"].find({"d": False}, {"r": 1}):
                 patient = orjson.loads(field_crypto.decode(doc["r"], "Patient"))

@@ -56,6 +56,14 @@ async def app(mongo_uri: str):
         yield application
 
 
+@pytest.fixture(scope="module")
+async def cn_app(mongo_uri: str):
+    """An app on a fresh database with the shipped CN profiles and terminology loaded (one per module)."""
+    application = create_app(make_settings(mongo_uri, load_conformance=True))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
 @pytest.fixture(scope="session")
 async def client(app) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)

@@ -16,12 +16,12 @@ record, and a re-sync that writes nothing.
 from __future__ import annotations
 
 import asyncio
+from contextlib import ExitStack
 from collections import Counter
 
 import orjson
 import pytest
 
-from conftest import make_settings
 from fhir_server.connectors import runner
 from fhir_server.connectors._db import database
 from fhir_server.connectors.emr import EmrConnector
@@ -29,9 +29,9 @@ from fhir_server.connectors.immunization import ImmunizationConnector
 from fhir_server.connectors.mch import MchConnector
 from fhir_server.connectors.provenance import provenance_id
 from fhir_server.connectors.transport import HttpTransport
-from fhir_server.http.app import create_app
 from fhir_server.mpi import golden as g
 from fhir_server.mpi import link_many
+from fhir_server.simulators._http import serving
 from fhir_server.simulators.emr import EmrUpstream
 from fhir_server.simulators.immunization import ImmunizationUpstream
 from fhir_server.simulators.mch import MchUpstream
@@ -61,26 +61,19 @@ def city():
         "mch": (MchUpstream(seed=32, children=FAMILIES_MCH, population=scenario.view("mch")), MchConnector),
         "emr": (EmrUpstream(seed=33, residents=ADULTS_EMR, population=scenario.view("emr")), EmrConnector),
     }
-    served = {}
-    for name, (up, connector) in upstreams.items():
-        httpd, url = up.start(token="city")
-        served[name] = (up, connector, url, httpd)
-    yield scenario, served
-    for _, _, _, httpd in served.values():
-        httpd.shutdown()
-        httpd.server_close()
+    with ExitStack() as stack:
+        served = {name: (up, connector, stack.enter_context(serving(up, "city"))) for name, (up, connector) in upstreams.items()}
+        yield scenario, served
 
 
 @pytest.fixture(scope="module")
-async def server(mongo_uri):
-    app = create_app(make_settings(mongo_uri, load_conformance=True))
-    async with app.router.lifespan_context(app):
-        yield app.state.server
+async def server(cn_app):
+    return cn_app.state.server
 
 
 async def _sync_all(server, served) -> dict[str, runner.SyncReport]:
     async def one(name: str) -> runner.SyncReport:
-        _, connector, url, _ = served[name]
+        _, connector, url = served[name]
         transport = HttpTransport(url, "city", page_size=100)
         try:
             return await runner.sync(server, connector(), transport, linker=link_many, full=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import make_settings
 from helpers import RecordingLinker
 from fhir_server.connectors import deadletter, runner
 from fhir_server.connectors._db import database
@@ -24,7 +23,6 @@ from fhir_server.connectors.emr import EmrConnector
 from fhir_server.connectors.mapping import shipped
 from fhir_server.connectors.provenance import provenance_id
 from fhir_server.connectors.transport import FileTransport, HttpTransport, RetryPolicy
-from fhir_server.http.app import create_app
 from fhir_server.simulators.emr import EmrUpstream
 from fhir_server.storage import field_crypto  # the stored JSON holds ID and phone numbers encrypted
 
@@ -36,13 +34,6 @@ ROUTE = "urn:oid:2.16.156.10011.2.3.1.158"
 DRUG = "urn:oid:1.2.156.112604.1.2.2"
 ICD9 = "urn:oid:2.16.156.10011.2.3.3.12"
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-async def cn_app(mongo_uri):
-    app = create_app(make_settings(mongo_uri, load_conformance=True))
-    async with app.router.lifespan_context(app):
-        yield app
 
 
 @pytest.fixture(scope="module")

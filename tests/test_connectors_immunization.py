@@ -16,27 +16,19 @@ import httpx
 import orjson
 import pytest
 
-from conftest import make_settings
 from helpers import RecordingLinker
 from fhir_server.connectors import checkpoint, deadletter, runner
 from fhir_server.connectors._db import database
 from fhir_server.connectors.immunization import ImmunizationConnector
 from fhir_server.connectors.mapping import shipped
 from fhir_server.connectors.transport import FileTransport, HttpTransport, RetryPolicy
-from fhir_server.http.app import create_app
+from fhir_server.simulators._http import serving
 from fhir_server.simulators.immunization import ImmunizationUpstream
 from fhir_server.storage import field_crypto  # the stored JSON holds ID and phone numbers encrypted
 
 DATA = Path(__file__).parent / "data" / "immunization"
 SD = "https://fhir.cn-ehr.org/StructureDefinition"
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-async def cn_app(mongo_uri):
-    app = create_app(make_settings(mongo_uri, load_conformance=True))
-    async with app.router.lifespan_context(app):
-        yield app
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +45,8 @@ async def http(cn_app):
 @pytest.fixture(scope="module")
 def upstream():
     up = ImmunizationUpstream(seed=11, children=60)
-    httpd, url = up.start(token="t0ken")
-    yield up, url
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(up, "t0ken") as url:
+        yield up, url
 
 
 def _transport(url: str, **kw) -> HttpTransport:

@@ -21,6 +21,7 @@ from fhir_server.connectors.mch import MchConnector
 from fhir_server.connectors.provenance import provenance_id
 from fhir_server.connectors.transport import HttpTransport, RetryPolicy
 from fhir_server.http.app import create_app
+from fhir_server.simulators._http import serving
 from fhir_server.simulators.mch import MchUpstream
 from fhir_server.storage import field_crypto  # the stored JSON holds ID and phone numbers encrypted
 
@@ -41,10 +42,8 @@ async def server(mongo_uri):
 @pytest.fixture(scope="module")
 def upstream():
     up = MchUpstream(seed=11, children=6)
-    httpd, url = up.start(token="t0ken")
-    yield up, url
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(up, "t0ken") as url:
+        yield up, url
 
 
 async def _sync(server, url: str, full: bool = False) -> runner.SyncReport:

@@ -5,9 +5,10 @@ the planted faults (hard failures, 503s, slow pages), and the ``X-Next-Since`` /
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["Pages", "serve", "start"]
@@ -76,3 +77,15 @@ def start(httpd: ThreadingHTTPServer, name: str) -> ThreadingHTTPServer:
     """Serve in a background daemon thread; ``shutdown()`` stops it."""
     threading.Thread(target=httpd.serve_forever, name=name, daemon=True).start()
     return httpd
+
+
+@contextmanager
+def serving(upstream: Any, token: str = "demo-token") -> Iterator[str]:
+    """``upstream.start(token=…)`` for the duration of a ``with``: yields the URL of its pages and
+    stops the server afterwards (tests and benchmarks)."""
+    httpd, url = upstream.start(token=token)
+    try:
+        yield url
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
